@@ -1,0 +1,74 @@
+//! The crate's one error type.
+
+/// Everything that can go wrong in `scoresde`.
+///
+/// Library code never panics on user input: bad shapes, invalid hyperparameters,
+/// numerical blow-ups and missing higher-order gradients all come back as an `Error`
+/// whose message says what went wrong and, where it can, what to do about it.
+///
+/// ```
+/// use scoresde::{sde::VpSde, Error};
+/// let err = VpSde::new(20.0, 0.1).unwrap_err(); // inverted β range
+/// assert!(matches!(err, Error::InvalidParameter(_)));
+/// assert!(err.to_string().contains("beta_min"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A constructor or function got a hyperparameter outside its valid range.
+    #[error("invalid parameter: {0}")]
+    InvalidParameter(String),
+
+    /// Tensors whose shapes do not fit together.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+
+    /// A NaN or an infinity appeared (in the input, or a solver blew up).
+    #[error("non-finite values: {0}")]
+    NonFinite(String),
+
+    /// An adaptive solver had to shrink its step below what floating point can resolve.
+    #[error("step size underflow at t = {t}: step {step:e} is below the smallest resolvable step; the ODE is likely stiff or the score blew up")]
+    StepSizeUnderflow {
+        /// Time at which the solver gave up.
+        t: f64,
+        /// The step size it would have needed.
+        step: f64,
+    },
+
+    /// candle's second-order gradients are not live on this thread.
+    #[error("second-order gradients are not available on this thread: candle detaches gradient graphs unless the environment variable CANDLE_GRAD_DO_NOT_DETACH=1 is set before the thread first runs backprop. Set it in your shell, in `.cargo/config.toml` under [env], or with `std::env::set_var` at the very start of `main` before any thread is spawned")]
+    HigherOrderGradientsUnavailable,
+
+    /// A checkpoint that cannot be loaded into the model at hand.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+
+    /// A training loss that became NaN or infinite.
+    #[error("non-finite loss {loss} at training step {step}")]
+    NonFiniteLoss {
+        /// The step at which it happened (0-based).
+        step: usize,
+        /// The offending value.
+        loss: f64,
+    },
+
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// An I/O error (checkpoints, images).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// `Result` with the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Returns `Err(Error::InvalidParameter)` with `msg` unless `ok`.
+pub(crate) fn ensure(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidParameter(msg()))
+    }
+}

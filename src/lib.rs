@@ -1,0 +1,8 @@
+//! scoresde (crate docs written with the foundation)
+#![warn(missing_docs)]
+
+mod error;
+pub mod score;
+
+pub use error::{Error, Result};
+pub use score::ScoreModel;

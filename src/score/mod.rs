@@ -1,0 +1,41 @@
+//! Score models: anything that maps `(x, t)` to an estimate of `∇ₓ log p_t(x)`.
+//!
+//! * [`ScoreModel`] is the one trait samplers, losses and regularizers ask for. Implement
+//!   it for your own candle network in a few lines, or pass a closure.
+//! * [`LogDensityModel`] is for potential models `u(x, t) ≈ log p_t(x)`; wrap one in
+//!   [`GradientScore`] to get its score `∇ₓu` by candle autodiff.
+//! * [`GaussianMixture`] gives exact scores, log-densities and samples at every time under
+//!   every SDE: the ground truth the tests check against.
+
+use candle_core::Tensor;
+
+use crate::Result;
+
+/// A score model `s(x, t) ≈ ∇ₓ log p_t(x)`.
+///
+/// `x` has shape `[B, …]` and `t` has shape `[B]` (one time per sample); the score has the
+/// shape of `x`. Closures `Fn(&Tensor, &Tensor) -> Result<Tensor>` are score models.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use scoresde::ScoreModel;
+/// // The score of N(0, I) is -x, at every time.
+/// let standard_normal = |x: &Tensor, _t: &Tensor| Ok(x.neg()?);
+/// let x = Tensor::new(&[[1.0f64, -2.0]], &Device::Cpu)?;
+/// let t = Tensor::new(&[0.5f64], &Device::Cpu)?;
+/// assert_eq!(standard_normal.score(&x, &t)?.to_vec2::<f64>()?, [[-1.0, 2.0]]);
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+pub trait ScoreModel {
+    /// The score at points `x` (shape `[B, …]`) and times `t` (shape `[B]`).
+    fn score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor>;
+}
+
+impl<F> ScoreModel for F
+where
+    F: Fn(&Tensor, &Tensor) -> Result<Tensor>,
+{
+    fn score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self(x, t)
+    }
+}
