@@ -5,4 +5,4 @@ mod error;
 pub mod score;
 
 pub use error::{Error, Result};
-pub use score::ScoreModel;
+pub use score::{LogDensityModel, ScoreModel};

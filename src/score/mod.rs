@@ -39,3 +39,40 @@ where
         self(x, t)
     }
 }
+
+/// A log-density (potential) model `u(x, t) ≈ log p_t(x)`, up to an additive constant.
+///
+/// Its score is `∇ₓu`; wrap it in [`GradientScore`] to use it wherever a [`ScoreModel`] is
+/// asked for. `x` has shape `[B, …]`, `t` shape `[B]`, and the result shape `[B]`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use scoresde::score::LogDensityModel;
+/// // u(x) = -|x|²/2: the standard normal, up to a constant.
+/// struct StandardNormal;
+/// impl LogDensityModel for StandardNormal {
+///     fn log_density(&self, x: &Tensor, _t: &Tensor) -> scoresde::Result<Tensor> {
+///         Ok((x.sqr()?.sum(1)? * -0.5)?)
+///     }
+/// }
+/// let x = Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu)?;
+/// let t = Tensor::new(&[0.0f64], &Device::Cpu)?;
+/// assert_eq!(StandardNormal.log_density(&x, &t)?.to_vec1::<f64>()?, [-2.5]);
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+pub trait LogDensityModel {
+    /// `u(x, t)` for each sample: shape `[B]`.
+    fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor>;
+}
+
+impl<M: ScoreModel + ?Sized> ScoreModel for &M {
+    fn score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        (**self).score(x, t)
+    }
+}
+
+impl<M: LogDensityModel + ?Sized> LogDensityModel for &M {
+    fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        (**self).log_density(x, t)
+    }
+}
