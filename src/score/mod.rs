@@ -64,15 +64,3 @@ pub trait LogDensityModel {
     /// `u(x, t)` for each sample: shape `[B]`.
     fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor>;
 }
-
-impl<M: ScoreModel + ?Sized> ScoreModel for &M {
-    fn score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        (**self).score(x, t)
-    }
-}
-
-impl<M: LogDensityModel + ?Sized> LogDensityModel for &M {
-    fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        (**self).log_density(x, t)
-    }
-}
