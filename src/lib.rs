@@ -6,3 +6,5 @@ pub mod score;
 
 pub use error::{Error, Result};
 pub use score::{LogDensityModel, ScoreModel};
+pub mod random;
+pub mod sde;

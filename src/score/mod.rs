@@ -64,3 +64,6 @@ pub trait LogDensityModel {
     /// `u(x, t)` for each sample: shape `[B]`.
     fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor>;
 }
+
+mod mixture;
+pub use mixture::{Covariance, DiffusedMixture, GaussianMixture};

@@ -1,0 +1,255 @@
+//! Forward SDEs `dx = f(x, t) dt + g(t) dw` with affine drift.
+//!
+//! Every SDE here has drift `f(x, t) = a(t)·x` and a scalar diffusion `g(t)`, so its
+//! perturbation kernel is Gaussian: `x_t = α(t)·x_0 + σ(t)·z` with `z ~ N(0, I)`
+//! (MATH.md §1). The [`Sde`] trait asks each SDE for these scalar coefficients, twice:
+//! as plain `f64` functions (samplers, tests) and as candle ops on a tensor of times
+//! (training, where each sample has its own `t` and where `∂/∂t` is taken by autodiff).
+//! Everything else (drift, perturbation, prior) is provided from them.
+//!
+//! | type | SDE | prior |
+//! |---|---|---|
+//! | [`VpSde`] | variance preserving, `β(t)` linear | `N(0, I)` |
+//! | [`SubVpSde`] | sub-variance preserving | `N(0, I)` |
+//! | [`VeSde`] | variance exploding, geometric `σ(t)` | `N(0, σ_max² I)` |
+//! | [`OuSde`] | Ornstein–Uhlenbeck (Deveney et al.) | `N(0, s²/(2θ) I)` |
+//!
+//! ```
+//! use scoresde::sde::{Sde, VpSde};
+//! let sde = VpSde::default(); // β_min = 0.1, β_max = 20, T = 1 (score_sde)
+//! let (alpha, sigma) = (sde.mean_coeff(0.5), sde.std(0.5));
+//! assert!((alpha * alpha + sigma * sigma - 1.0).abs() < 1e-12); // variance preserving
+//! assert!(sde.mean_coeff(sde.end_time()) < 0.01); // x_T has forgotten x_0
+//! ```
+
+mod ou;
+mod ve;
+mod vp;
+
+pub use ou::OuSde;
+pub use ve::VeSde;
+pub use vp::{SubVpSde, VpSde};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use rand::Rng;
+
+use crate::{Error, Result};
+
+/// A forward SDE `dx = a(t)·x dt + g(t) dw` on `[0, T]`.
+///
+/// Implementors give the scalar coefficients as `f64` functions and as differentiable
+/// tensor functions (which must agree); the rest is provided. See the [module docs](self).
+pub trait Sde {
+    /// The end time `T` at which the prior is reached.
+    fn end_time(&self) -> f64;
+    /// The drift coefficient `a(t)` in `f(x, t) = a(t)·x`.
+    fn drift_coeff(&self, t: f64) -> f64;
+    /// The diffusion coefficient `g(t)`.
+    fn diffusion(&self, t: f64) -> f64;
+    /// The mean coefficient `α(t)` of the perturbation kernel.
+    fn mean_coeff(&self, t: f64) -> f64;
+    /// The standard deviation `σ(t)` of the perturbation kernel.
+    fn std(&self, t: f64) -> f64;
+    /// The prior is `N(0, v·I)`; this is `v`.
+    fn prior_variance(&self) -> f64;
+
+    /// `a(t)` elementwise on a tensor of times, differentiable in `t`.
+    fn drift_coeff_tensor(&self, t: &Tensor) -> Result<Tensor>;
+    /// `g(t)` elementwise on a tensor of times, differentiable in `t`.
+    fn diffusion_tensor(&self, t: &Tensor) -> Result<Tensor>;
+    /// `α(t)` elementwise on a tensor of times, differentiable in `t`.
+    fn mean_coeff_tensor(&self, t: &Tensor) -> Result<Tensor>;
+    /// `σ(t)` elementwise on a tensor of times, differentiable in `t`.
+    fn std_tensor(&self, t: &Tensor) -> Result<Tensor>;
+
+    /// The drift `f(x, t) = a(t)·x` at one time `t` for a whole batch.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::sde::{OuSde, Sde};
+    /// let sde = OuSde::default(); // θ = 1: f(x, t) = -x
+    /// let x = Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu)?;
+    /// assert_eq!(sde.drift(&x, 0.3)?.to_vec2::<f64>()?, [[-1.0, -2.0]]);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn drift(&self, x: &Tensor, t: f64) -> Result<Tensor> {
+        Ok((x * self.drift_coeff(t))?)
+    }
+
+    /// The divergence `∇·f = a(t)·d` of the drift in `d` dimensions (constant in `x`).
+    ///
+    /// ```
+    /// use scoresde::sde::{OuSde, Sde};
+    /// assert_eq!(OuSde::default().drift_divergence(0.0, 2), -2.0);
+    /// ```
+    fn drift_divergence(&self, t: f64, dim: usize) -> f64 {
+        self.drift_coeff(t) * dim as f64
+    }
+
+    /// Draws `x_T ~ N(0, v·I)` of the given shape (first dimension is the batch).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use rand::{rngs::StdRng, SeedableRng};
+    /// use scoresde::sde::{Sde, VeSde};
+    /// let sde = VeSde::new(0.01, 5.0)?;
+    /// let x = sde.sample_prior((10_000, 2), DType::F64, &Device::Cpu, &mut StdRng::seed_from_u64(0))?;
+    /// let var = x.sqr()?.mean_all()?.to_scalar::<f64>()?;
+    /// assert!((var / 25.0 - 1.0).abs() < 0.05);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn sample_prior<R: Rng + ?Sized>(
+        &self,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+        rng: &mut R,
+    ) -> Result<Tensor>
+    where
+        Self: Sized,
+    {
+        let z = crate::random::standard_normal(shape, dtype, device, rng)?;
+        Ok((z * self.prior_variance().sqrt())?)
+    }
+
+    /// The prior log-density `log p_T(z) = −d/2·ln(2πv) − |z|²/(2v)` per sample: shape `[B]`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::sde::{Sde, VpSde};
+    /// let z = Tensor::new(&[[0.0f64, 0.0]], &Device::Cpu)?;
+    /// let lp = VpSde::default().prior_log_prob(&z)?.to_vec1::<f64>()?[0];
+    /// assert!((lp + (2.0 * std::f64::consts::PI).ln()).abs() < 1e-12);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn prior_log_prob(&self, z: &Tensor) -> Result<Tensor> {
+        let z = flatten_batch(z)?;
+        let d = z.dim(1)? as f64;
+        let v = self.prior_variance();
+        let sq = z.sqr()?.sum(1)?;
+        Ok(sq.affine(-0.5 / v, -0.5 * d * (2.0 * std::f64::consts::PI * v).ln())?)
+    }
+
+    /// The perturbed sample `x_t = α(t)·x_0 + σ(t)·z` for per-sample times `t` (shape `[B]`).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::sde::{OuSde, Sde};
+    /// let sde = OuSde::default();
+    /// let x0 = Tensor::new(&[[1.0f64], [1.0]], &Device::Cpu)?;
+    /// let z = Tensor::new(&[[0.0f64], [1.0]], &Device::Cpu)?;
+    /// let t = Tensor::new(&[0.0f64, 1.0], &Device::Cpu)?;
+    /// let xt = sde.perturb(&x0, &t, &z)?.to_vec2::<f64>()?;
+    /// assert_eq!(xt[0][0], 1.0); // t = 0 leaves x_0 alone
+    /// let expected = sde.mean_coeff(1.0) + sde.std(1.0);
+    /// assert!((xt[1][0] - expected).abs() < 1e-12);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn perturb(&self, x0: &Tensor, t: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        check_same_shape(x0, noise, "x0", "noise")?;
+        let alpha = per_sample(&self.mean_coeff_tensor(t)?, x0)?;
+        let sigma = per_sample(&self.std_tensor(t)?, x0)?;
+        Ok((x0.broadcast_mul(&alpha)? + noise.broadcast_mul(&sigma)?)?)
+    }
+
+    /// The SDE's own one-step discretization from `t` to `t − dt` (score_sde `discretize`):
+    /// `x_{t−dt} ≈ x_t + c·x_t + G·z` in forward time. The default is Euler–Maruyama,
+    /// `c = a(t)·dt`, `G = g(t)·√dt`; VP and VE use their discrete-chain forms.
+    ///
+    /// ```
+    /// use scoresde::sde::{OuSde, Sde};
+    /// let step = OuSde::default().discretize(1.0, 0.01);
+    /// assert!((step.drift_coeff + 0.01).abs() < 1e-15);
+    /// assert!((step.diffusion - 0.1).abs() < 1e-15);
+    /// ```
+    fn discretize(&self, t: f64, dt: f64) -> Discretization {
+        Discretization {
+            drift_coeff: self.drift_coeff(t) * dt,
+            diffusion: self.diffusion(t) * dt.sqrt(),
+        }
+    }
+
+    /// The step-size factor `α_i` of the Langevin corrector (score_sde): `1 − β(t)·dt`
+    /// for VP and sub-VP, `1` otherwise.
+    ///
+    /// ```
+    /// use scoresde::sde::{Sde, VeSde};
+    /// assert_eq!(VeSde::new(0.01, 50.0)?.langevin_alpha(0.5, 1e-3), 1.0);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn langevin_alpha(&self, _t: f64, _dt: f64) -> f64 {
+        1.0
+    }
+}
+
+/// One step of an SDE's discretization: drift `c·x` and noise scale `G` (see
+/// [`Sde::discretize`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Discretization {
+    /// `c` in the discrete drift `c·x`.
+    pub drift_coeff: f64,
+    /// The noise scale `G` of the step.
+    pub diffusion: f64,
+}
+
+/// SDEs with an ancestral sampler (Ho et al. for VP, Song & Ermon for VE): the exact
+/// Gaussian reverse step of their discrete Markov chain.
+pub trait AncestralSde: Sde {
+    /// For the reverse step from `t` to `t − dt` with score `score` at `(x, t)`: the mean of
+    /// the step and the standard deviation of the noise added to it.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::sde::{AncestralSde, VeSde};
+    /// let sde = VeSde::new(0.01, 10.0)?;
+    /// let x = Tensor::new(&[[1.0f64]], &Device::Cpu)?;
+    /// let (mean, std) = sde.ancestral_step(&x, &x.zeros_like()?, 1.0, 0.1)?;
+    /// assert_eq!(mean.to_vec2::<f64>()?, [[1.0]]); // zero score: mean stays
+    /// assert!(std > 0.0);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn ancestral_step(&self, x: &Tensor, score: &Tensor, t: f64, dt: f64) -> Result<(Tensor, f64)>;
+}
+
+/// Checks a hyperparameter is finite and strictly positive.
+pub(crate) fn positive(name: &str, value: f64) -> Result<()> {
+    crate::error::ensure(value.is_finite() && value > 0.0, || {
+        format!("{name} must be finite and > 0, got {value}")
+    })
+}
+
+/// A per-sample coefficient `[B]` reshaped to broadcast against `x` of shape `[B, …]`.
+pub(crate) fn per_sample(coeff: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    if coeff.dims() != [b] {
+        return Err(Error::Shape(format!(
+            "expected one time per sample, shape [{b}], got {:?}",
+            coeff.dims()
+        )));
+    }
+    let mut shape = vec![1; x.rank()];
+    shape[0] = b;
+    Ok(coeff.to_dtype(x.dtype())?.reshape(shape)?)
+}
+
+/// `x` of shape `[B, …]` as `[B, d]`.
+pub(crate) fn flatten_batch(x: &Tensor) -> Result<Tensor> {
+    if x.rank() < 2 {
+        return Err(Error::Shape(format!(
+            "expected a batch of shape [B, ...] with at least 2 dimensions, got {:?}",
+            x.dims()
+        )));
+    }
+    Ok(x.flatten_from(1)?)
+}
+
+pub(crate) fn check_same_shape(a: &Tensor, b: &Tensor, na: &str, nb: &str) -> Result<()> {
+    if a.dims() != b.dims() {
+        return Err(Error::Shape(format!(
+            "{na} has shape {:?} but {nb} has shape {:?}",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    Ok(())
+}
