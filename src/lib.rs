@@ -8,3 +8,4 @@ pub use error::{Error, Result};
 pub use score::{LogDensityModel, ScoreModel};
 pub mod random;
 pub mod sde;
+pub mod solver;
