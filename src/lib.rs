@@ -9,3 +9,4 @@ pub use score::{LogDensityModel, ScoreModel};
 pub mod random;
 pub mod sde;
 pub mod solver;
+pub mod regularizer;

@@ -1,0 +1,42 @@
+//! Penalties added to the denoising score-matching loss.
+//!
+//! A [`Regularizer`] maps a model and a batch of perturbed points `(x_t, t)` to a scalar
+//! penalty; the [`Trainer`](crate::train::Trainer) minimizes `DSM + Σ λᵢ·penaltyᵢ`.
+
+use candle_core::Tensor;
+use rand::RngCore;
+
+use crate::sde::Sde;
+use crate::Result;
+
+/// A scalar penalty on a model at perturbed training points.
+///
+/// `x_t` has shape `[B, …]`, `t` shape `[B]`; the result is a scalar tensor that stays
+/// differentiable with respect to the model's parameters. The randomness (Hutchinson
+/// probes, collocation points) comes from `rng` so that training repeats exactly.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use rand::RngCore;
+/// use scoresde::regularizer::Regularizer;
+/// use scoresde::sde::VpSde;
+/// use scoresde::ScoreModel;
+///
+/// /// Penalizes the mean squared score (a toy regularizer).
+/// struct ScoreEnergy;
+/// impl<M: ScoreModel> Regularizer<VpSde, M> for ScoreEnergy {
+///     fn penalty(&self, _sde: &VpSde, model: &M, x_t: &Tensor, t: &Tensor, _rng: &mut dyn RngCore) -> scoresde::Result<Tensor> {
+///         Ok(model.score(x_t, t)?.sqr()?.mean_all()?)
+///     }
+/// }
+/// let model = |x: &Tensor, _t: &Tensor| Ok(x.neg()?);
+/// let x = Tensor::new(&[[1.0f64, 1.0]], &Device::Cpu)?;
+/// let t = Tensor::new(&[0.5f64], &Device::Cpu)?;
+/// let p = ScoreEnergy.penalty(&VpSde::default(), &model, &x, &t, &mut rand::rng())?;
+/// assert_eq!(p.to_scalar::<f64>()?, 1.0);
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+pub trait Regularizer<S: Sde, M> {
+    /// The penalty: a scalar tensor.
+    fn penalty(&self, sde: &S, model: &M, x_t: &Tensor, t: &Tensor, rng: &mut dyn RngCore) -> Result<Tensor>;
+}
