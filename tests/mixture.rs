@@ -11,7 +11,11 @@ fn mixture() -> GaussianMixture {
         vec![0.2, 0.5, 0.3],
         vec![vec![-1.0, 0.5, 0.0], vec![1.5, -0.5, 1.0], vec![0.0, 2.0, -1.0]],
         vec![
-            Covariance::Full(vec![vec![0.5, 0.2, 0.1], vec![0.2, 0.3, -0.05], vec![0.1, -0.05, 0.4]]),
+            Covariance::Full(vec![
+                vec![0.5, 0.2, 0.1],
+                vec![0.2, 0.3, -0.05],
+                vec![0.1, -0.05, 0.4],
+            ]),
             Covariance::Diagonal(vec![0.1, 0.2, 0.3]),
             Covariance::Isotropic(0.25),
         ],
@@ -36,10 +40,18 @@ fn check_score_is_gradient<S: Sde + Clone>(name: &str, sde: S) {
             let e = Tensor::new(shift.as_slice(), &Device::Cpu).unwrap();
             let up = exact.log_density(&x.broadcast_add(&e).unwrap(), &times).unwrap();
             let down = exact.log_density(&x.broadcast_sub(&e).unwrap(), &times).unwrap();
-            let fd = ((up - down).unwrap() / (2.0 * h)).unwrap().to_vec1::<f64>().unwrap();
+            let fd = ((up - down).unwrap() / (2.0 * h))
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             for i in 0..16 {
                 let tol = 1e-6 * (1.0 + score[i][j].abs());
-                assert!((fd[i] - score[i][j]).abs() < tol, "{name} t={t}: {} vs {}", fd[i], score[i][j]);
+                assert!(
+                    (fd[i] - score[i][j]).abs() < tol,
+                    "{name} t={t}: {} vs {}",
+                    fd[i],
+                    score[i][j]
+                );
             }
         }
     }
@@ -57,7 +69,12 @@ fn score_is_the_gradient_of_the_log_density() {
 fn log_density_matches_a_single_gaussian_in_closed_form() {
     // One component N(μ, diag(v)) under OU: N(αμ, α²v + σ²).
     let sde = OuSde::default();
-    let m = GaussianMixture::new(vec![1.0], vec![vec![1.0, -2.0]], vec![Covariance::Diagonal(vec![0.3, 2.0])]).unwrap();
+    let m = GaussianMixture::new(
+        vec![1.0],
+        vec![vec![1.0, -2.0]],
+        vec![Covariance::Diagonal(vec![0.3, 2.0])],
+    )
+    .unwrap();
     let t = 0.7;
     let (a, s) = (sde.mean_coeff(t), sde.std(t));
     let x = [0.4, -0.1];
@@ -68,7 +85,10 @@ fn log_density_matches_a_single_gaussian_in_closed_form() {
     }
     let got = m
         .diffused(sde)
-        .log_density(&Tensor::new(&[x], &Device::Cpu).unwrap(), &Tensor::new(&[t], &Device::Cpu).unwrap())
+        .log_density(
+            &Tensor::new(&[x], &Device::Cpu).unwrap(),
+            &Tensor::new(&[t], &Device::Cpu).unwrap(),
+        )
         .unwrap()
         .to_vec1::<f64>()
         .unwrap()[0];
@@ -80,7 +100,9 @@ fn log_density_matches_a_single_gaussian_in_closed_form() {
 #[test]
 fn samples_have_the_mixture_moments() {
     let m = mixture();
-    let x = m.sample(200_000, DType::F64, &Device::Cpu, &mut StdRng::seed_from_u64(5)).unwrap();
+    let x = m
+        .sample(200_000, DType::F64, &Device::Cpu, &mut StdRng::seed_from_u64(5))
+        .unwrap();
     let mean = x.mean(0).unwrap().to_vec1::<f64>().unwrap();
     let w = [0.2, 0.5, 0.3];
     let mus = [[-1.0, 0.5, 0.0], [1.5, -0.5, 1.0], [0.0, 2.0, -1.0]];
@@ -107,13 +129,20 @@ fn invalid_mixtures_are_rejected() {
     let iso = || Covariance::Isotropic(1.0);
     assert!(GaussianMixture::new(vec![], vec![], vec![]).is_err());
     assert!(GaussianMixture::new(vec![-1.0], vec![vec![0.0]], vec![iso()]).is_err());
-    assert!(GaussianMixture::new(vec![1.0, 1.0], vec![vec![0.0], vec![0.0, 1.0]], vec![iso(), iso()]).is_err());
+    assert!(GaussianMixture::new(
+        vec![1.0, 1.0],
+        vec![vec![0.0], vec![0.0, 1.0]],
+        vec![iso(), iso()]
+    )
+    .is_err());
     assert!(GaussianMixture::new(vec![1.0], vec![vec![0.0]], vec![Covariance::Isotropic(0.0)]).is_err());
     let asym = Covariance::Full(vec![vec![1.0, 0.5], vec![0.0, 1.0]]);
     let err = GaussianMixture::new(vec![1.0], vec![vec![0.0, 0.0]], vec![asym]).unwrap_err();
     assert!(err.to_string().contains("symmetric"), "{err}");
     // Wrong dimension at evaluation time.
-    let m = GaussianMixture::new(vec![1.0], vec![vec![0.0, 0.0]], vec![iso()]).unwrap().diffused(VpSde::default());
+    let m = GaussianMixture::new(vec![1.0], vec![vec![0.0, 0.0]], vec![iso()])
+        .unwrap()
+        .diffused(VpSde::default());
     let x = Tensor::zeros((2, 3), DType::F64, &Device::Cpu).unwrap();
     let t = Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap();
     assert!(matches!(m.score(&x, &t), Err(scoresde::Error::Shape(_))));

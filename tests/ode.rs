@@ -75,7 +75,10 @@ fn fixed_step_solvers_accept_a_user_grid() {
     assert!(err < 1e-4, "{err}");
     assert_eq!(nfe, 600);
     // A grid that does not span the requested interval is an error.
-    assert!(matches!(Euler::new(grid).solve(&linear, &y0(), 0.0, 2.0), Err(Error::InvalidParameter(_))));
+    assert!(matches!(
+        Euler::new(grid).solve(&linear, &y0(), 0.0, 2.0),
+        Err(Error::InvalidParameter(_))
+    ));
 }
 
 #[test]
@@ -83,8 +86,14 @@ fn rk45_reports_step_size_underflow_on_a_blow_up() {
     // y' = y², y(0) = 1 explodes at t = 1; integrating to t = 2 cannot succeed.
     let blow_up = |_t: f64, y: &Tensor| Ok(y.sqr()?);
     let y0 = Tensor::new(&[1.0f64], &Device::Cpu).unwrap();
-    let err = Rk45::new(1e-6, 1e-6).unwrap().solve(&blow_up, &y0, 0.0, 2.0).unwrap_err();
-    assert!(matches!(err, Error::StepSizeUnderflow { t, .. } if (t - 1.0).abs() < 1e-3), "{err}");
+    let err = Rk45::new(1e-6, 1e-6)
+        .unwrap()
+        .solve(&blow_up, &y0, 0.0, 2.0)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::StepSizeUnderflow { t, .. } if (t - 1.0).abs() < 1e-3),
+        "{err}"
+    );
 }
 
 #[test]
@@ -99,9 +108,18 @@ fn solvers_reject_non_finite_states() {
     }
     // RK45 shrinks the step on a NaN error estimate and then gives up.
     let rk = Rk45::new(1e-6, 1e-6).unwrap().solve(&nan_field, &y0, 0.0, 1.0);
-    assert!(matches!(rk, Err(Error::StepSizeUnderflow { .. }) | Err(Error::NonFinite(_))), "{rk:?}");
+    assert!(
+        matches!(
+            rk,
+            Err(Error::StepSizeUnderflow { .. }) | Err(Error::NonFinite(_))
+        ),
+        "{rk:?}"
+    );
     let bad = Tensor::new(&[f64::INFINITY], &Device::Cpu).unwrap();
-    assert!(matches!(Rk45::new(1e-6, 1e-6).unwrap().solve(&linear, &bad, 0.0, 1.0), Err(Error::NonFinite(_))));
+    assert!(matches!(
+        Rk45::new(1e-6, 1e-6).unwrap().solve(&linear, &bad, 0.0, 1.0),
+        Err(Error::NonFinite(_))
+    ));
 }
 
 #[test]

@@ -6,7 +6,8 @@ use rand::{rngs::StdRng, SeedableRng};
 use scoresde::score::{Covariance, DiffusedMixture, GaussianMixture};
 use scoresde::sde::{OuSde, Sde, SubVpSde, VeSde, VpSde};
 use scoresde::solver::{
-    Ancestral, Euler, EulerMaruyama, Heun, Langevin, OdeSampler, PredictorCorrector, ReverseDiffusion, Rk45, Sampler,
+    Ancestral, Euler, EulerMaruyama, Heun, Langevin, OdeSampler, PredictorCorrector, ReverseDiffusion, Rk45,
+    Sampler,
 };
 use scoresde::{Error, ScoreModel};
 
@@ -29,7 +30,8 @@ fn data() -> GaussianMixture {
 fn mmd2(x: &Tensor, y: &Tensor) -> f64 {
     let x = x.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
     let y = y.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
-    let k = |a: &[f64], b: &[f64]| (-(a.iter().zip(b).map(|(u, v)| (u - v).powi(2)).sum::<f64>()) / 2.0).exp();
+    let k =
+        |a: &[f64], b: &[f64]| (-(a.iter().zip(b).map(|(u, v)| (u - v).powi(2)).sum::<f64>()) / 2.0).exp();
     let within = |s: &[Vec<f64>]| {
         let n = s.len() as f64;
         let mut acc = 0.0;
@@ -67,9 +69,16 @@ fn shifted<S: Sde + Clone>(sde: S) -> DiffusedMixture<S> {
     shifted.diffused(sde)
 }
 
-fn distance_to_data<S: Sde, Z: Sampler<S>, M: ScoreModel>(sde: &S, sampler: &Z, model: &M, seed: u64) -> (f64, usize) {
+fn distance_to_data<S: Sde, Z: Sampler<S>, M: ScoreModel>(
+    sde: &S,
+    sampler: &Z,
+    model: &M,
+    seed: u64,
+) -> (f64, usize) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let x_t = sde.sample_prior((N, 2), DType::F64, &Device::Cpu, &mut rng).unwrap();
+    let x_t = sde
+        .sample_prior((N, 2), DType::F64, &Device::Cpu, &mut rng)
+        .unwrap();
     let out = sampler.sample(sde, model, &x_t, &mut rng).unwrap();
     let reference = data().sample(N, DType::F64, &Device::Cpu, &mut rng).unwrap();
     (mmd2(&out.x, &reference), out.stats.nfe)
@@ -93,7 +102,10 @@ fn check<S: Sde + Clone, Z: Sampler<S>>(name: &str, sde: S, sampler: &Z, seed: u
     let (good, nfe) = distance_to_data(&sde, sampler, &exact, seed);
     let (bad, _) = distance_to_data(&sde, sampler, &shifted(sde.clone()), seed);
     assert!(good < GOOD, "{name}: MMD² {good} with the exact score");
-    assert!(bad > WRONG, "{name}: MMD² {bad} with a wrong score should be large");
+    assert!(
+        bad > WRONG,
+        "{name}: MMD² {bad} with a wrong score should be large"
+    );
     nfe
 }
 
@@ -104,17 +116,37 @@ fn the_noise_floor_is_what_the_thresholds_assume() {
 
 #[test]
 fn euler_maruyama_samples_the_mixture() {
-    let nfe = check("em/vp", VpSde::default(), &PredictorCorrector::euler_maruyama(1000), 1);
+    let nfe = check(
+        "em/vp",
+        VpSde::default(),
+        &PredictorCorrector::euler_maruyama(1000),
+        1,
+    );
     assert_eq!(nfe, 1000);
-    check("em/subvp", SubVpSde::default(), &PredictorCorrector::euler_maruyama(1000), 11);
-    check("em/ou", OuSde::default(), &PredictorCorrector::euler_maruyama(1000).with_eps(1e-5).unwrap(), 12);
+    check(
+        "em/subvp",
+        SubVpSde::default(),
+        &PredictorCorrector::euler_maruyama(1000),
+        11,
+    );
+    check(
+        "em/ou",
+        OuSde::default(),
+        &PredictorCorrector::euler_maruyama(1000).with_eps(1e-5).unwrap(),
+        12,
+    );
 }
 
 #[test]
 fn the_lambda_family_keeps_the_marginals() {
     for (i, lambda) in [0.0, 0.5, 2.0].into_iter().enumerate() {
         let sampler = PredictorCorrector::new(EulerMaruyama::with_lambda(lambda).unwrap(), 1000);
-        check(&format!("em λ={lambda}"), VpSde::default(), &sampler, 20 + i as u64);
+        check(
+            &format!("em λ={lambda}"),
+            VpSde::default(),
+            &sampler,
+            20 + i as u64,
+        );
     }
 }
 
@@ -129,8 +161,18 @@ fn predictor_corrector_samples_the_mixture() {
 
 #[test]
 fn ancestral_sampling_works_for_vp_and_ve() {
-    check("ancestral/vp", VpSde::default(), &PredictorCorrector::new(Ancestral, 1000), 3);
-    check("ancestral/ve", VeSde::new(0.01, 8.0).unwrap(), &PredictorCorrector::new(Ancestral, 1000), 7);
+    check(
+        "ancestral/vp",
+        VpSde::default(),
+        &PredictorCorrector::new(Ancestral, 1000),
+        3,
+    );
+    check(
+        "ancestral/ve",
+        VeSde::new(0.01, 8.0).unwrap(),
+        &PredictorCorrector::new(Ancestral, 1000),
+        7,
+    );
 }
 
 #[test]
@@ -140,7 +182,12 @@ fn probability_flow_solvers_sample_the_mixture() {
     check("rk45/ve", VeSde::new(0.01, 8.0).unwrap(), &rk, 8);
     let nfe = check("heun/vp", VpSde::default(), &OdeSampler::new(Heun::new(200)), 5);
     assert_eq!(nfe, 400);
-    let nfe = check("euler/vp", VpSde::default(), &OdeSampler::new(Euler::new(1000)), 6);
+    let nfe = check(
+        "euler/vp",
+        VpSde::default(),
+        &OdeSampler::new(Euler::new(1000)),
+        6,
+    );
     assert_eq!(nfe, 1000);
 }
 
@@ -151,8 +198,13 @@ fn rk45_reports_consistent_statistics() {
     let sde = VpSde::default();
     let exact = data().diffused(sde);
     let mut rng = StdRng::seed_from_u64(0);
-    let x_t = sde.sample_prior((64, 2), DType::F64, &Device::Cpu, &mut rng).unwrap();
-    let stats = OdeSampler::new(Rk45::new(1e-5, 1e-5).unwrap()).sample(&sde, &exact, &x_t, &mut rng).unwrap().stats;
+    let x_t = sde
+        .sample_prior((64, 2), DType::F64, &Device::Cpu, &mut rng)
+        .unwrap();
+    let stats = OdeSampler::new(Rk45::new(1e-5, 1e-5).unwrap())
+        .sample(&sde, &exact, &x_t, &mut rng)
+        .unwrap()
+        .stats;
     assert!(stats.accepted_steps > 5);
     assert_eq!(stats.nfe, 2 + 6 * (stats.accepted_steps + stats.rejected_steps));
 }
@@ -165,22 +217,38 @@ fn every_sampler_rejects_a_blow_up() {
         Ok(if t < 0.5 { (x * f64::NAN)? } else { x.neg()? })
     };
     let mut rng = StdRng::seed_from_u64(0);
-    let x_t = sde.sample_prior((8, 2), DType::F64, &Device::Cpu, &mut rng).unwrap();
+    let x_t = sde
+        .sample_prior((8, 2), DType::F64, &Device::Cpu, &mut rng)
+        .unwrap();
     let results = [
-        PredictorCorrector::euler_maruyama(100).sample(&sde, &poisoned, &x_t, &mut rng).map(|_| ()),
+        PredictorCorrector::euler_maruyama(100)
+            .sample(&sde, &poisoned, &x_t, &mut rng)
+            .map(|_| ()),
         PredictorCorrector::new(ReverseDiffusion, 100)
             .with_corrector(Langevin::new(0.1, 1).unwrap())
             .sample(&sde, &poisoned, &x_t, &mut rng)
             .map(|_| ()),
-        PredictorCorrector::new(Ancestral, 100).sample(&sde, &poisoned, &x_t, &mut rng).map(|_| ()),
-        OdeSampler::new(Heun::new(100)).sample(&sde, &poisoned, &x_t, &mut rng).map(|_| ()),
-        OdeSampler::new(Euler::new(100)).sample(&sde, &poisoned, &x_t, &mut rng).map(|_| ()),
+        PredictorCorrector::new(Ancestral, 100)
+            .sample(&sde, &poisoned, &x_t, &mut rng)
+            .map(|_| ()),
+        OdeSampler::new(Heun::new(100))
+            .sample(&sde, &poisoned, &x_t, &mut rng)
+            .map(|_| ()),
+        OdeSampler::new(Euler::new(100))
+            .sample(&sde, &poisoned, &x_t, &mut rng)
+            .map(|_| ()),
     ];
     for r in results {
         assert!(matches!(r, Err(Error::NonFinite(_))), "{r:?}");
     }
     let rk = OdeSampler::new(Rk45::new(1e-5, 1e-5).unwrap()).sample(&sde, &poisoned, &x_t, &mut rng);
-    assert!(matches!(rk, Err(Error::StepSizeUnderflow { .. }) | Err(Error::NonFinite(_))), "{rk:?}");
+    assert!(
+        matches!(
+            rk,
+            Err(Error::StepSizeUnderflow { .. }) | Err(Error::NonFinite(_))
+        ),
+        "{rk:?}"
+    );
 }
 
 #[test]
@@ -198,7 +266,12 @@ fn bad_starting_points_are_rejected() {
     let r = PredictorCorrector::euler_maruyama(10).sample(&sde, &exact, &wrong_dim, &mut rng);
     assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
     // An ancestral VP step with β(t)·dt ≥ 1 is refused, not silently wrong.
-    let r = PredictorCorrector::new(Ancestral, 2).sample(&sde, &exact, &Tensor::zeros((4, 2), DType::F64, &Device::Cpu).unwrap(), &mut rng);
+    let r = PredictorCorrector::new(Ancestral, 2).sample(
+        &sde,
+        &exact,
+        &Tensor::zeros((4, 2), DType::F64, &Device::Cpu).unwrap(),
+        &mut rng,
+    );
     assert!(matches!(r, Err(Error::InvalidParameter(_))), "{r:?}");
     assert!(PredictorCorrector::euler_maruyama(10).with_eps(0.0).is_err());
 }

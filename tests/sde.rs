@@ -5,12 +5,12 @@ use rand::{rngs::StdRng, SeedableRng};
 use scoresde::sde::{OuSde, Sde, SubVpSde, VeSde, VpSde};
 use scoresde::Error;
 
-fn all_sdes() -> Vec<(&'static str, Box<dyn Fn() -> Box<dyn Probe>>)> {
+fn all_sdes() -> Vec<(&'static str, Box<dyn Probe>)> {
     vec![
-        ("vp", Box::new(|| Box::new(VpSde::default()) as Box<dyn Probe>)),
-        ("subvp", Box::new(|| Box::new(SubVpSde::default()) as Box<dyn Probe>)),
-        ("ve", Box::new(|| Box::new(VeSde::new(0.01, 5.0).unwrap()) as Box<dyn Probe>)),
-        ("ou", Box::new(|| Box::new(OuSde::new(1.5, 0.8, 3.0).unwrap()) as Box<dyn Probe>)),
+        ("vp", Box::new(VpSde::default())),
+        ("subvp", Box::new(SubVpSde::default())),
+        ("ve", Box::new(VeSde::new(0.01, 5.0).unwrap())),
+        ("ou", Box::new(OuSde::new(1.5, 0.8, 3.0).unwrap())),
     ]
 }
 
@@ -55,8 +55,7 @@ impl<S: Sde> Probe for S {
 /// relative; tolerance 1e-6).
 #[test]
 fn kernel_solves_the_moment_equations() {
-    for (name, make) in all_sdes() {
-        let sde = make();
+    for (name, sde) in all_sdes() {
         let h = 1e-5;
         for &t in &[0.05, 0.3, 0.7, 0.95] {
             let t = t * sde.end();
@@ -68,15 +67,17 @@ fn kernel_solves_the_moment_equations() {
             let var = |t: f64| sde.sigma(t).powi(2);
             let dvar = (var(t + h) - var(t - h)) / (2.0 * h);
             let rhs = 2.0 * sde.a(t) * var(t) + sde.g(t).powi(2);
-            assert!((dvar - rhs).abs() < 1e-6 * (1.0 + rhs.abs()), "{name}: (sigma^2)' at t={t}: {dvar} vs {rhs}");
+            assert!(
+                (dvar - rhs).abs() < 1e-6 * (1.0 + rhs.abs()),
+                "{name}: (sigma^2)' at t={t}: {dvar} vs {rhs}"
+            );
         }
     }
 }
 
 #[test]
 fn tensor_coefficients_agree_with_scalar_ones() {
-    for (name, make) in all_sdes() {
-        let sde = make();
+    for (name, sde) in all_sdes() {
         let times: Vec<f64> = (1..=9).map(|i| i as f64 * 0.1 * sde.end()).collect();
         let t = Tensor::new(times.as_slice(), &Device::Cpu).unwrap();
         let [a, g, alpha, sigma] = sde.tensors(&t);
@@ -88,7 +89,10 @@ fn tensor_coefficients_agree_with_scalar_ones() {
                 (sigma.to_vec1::<f64>().unwrap()[i], sde.sigma(ti)),
             ];
             for (k, (got, want)) in pairs.iter().enumerate() {
-                assert!((got - want).abs() <= 1e-12 * (1.0 + want.abs()), "{name}: coefficient {k} at t={ti}");
+                assert!(
+                    (got - want).abs() <= 1e-12 * (1.0 + want.abs()),
+                    "{name}: coefficient {k} at t={ti}"
+                );
             }
         }
     }
@@ -110,8 +114,9 @@ fn check_marginals<S: Sde>(name: &str, sde: &S) {
     for i in 0..steps {
         let t = i as f64 * dt;
         let z = scoresde::random::standard_normal((n, 1), DType::F64, &device, &mut rng).unwrap();
-        x = ((&x + (sde.drift(&x, t).unwrap() * dt).unwrap()).unwrap() + (z * (sde.diffusion(t) * dt.sqrt())).unwrap())
-            .unwrap();
+        x = ((&x + (sde.drift(&x, t).unwrap() * dt).unwrap()).unwrap()
+            + (z * (sde.diffusion(t) * dt.sqrt())).unwrap())
+        .unwrap();
     }
     let v = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let mean = v.iter().sum::<f64>() / n as f64;
@@ -124,7 +129,10 @@ fn check_marginals<S: Sde>(name: &str, sde: &S) {
         "{name}: mean {mean} vs {}",
         alpha * x0
     );
-    assert!((std - sigma).abs() < 4.0 * se_std + 0.01 * sigma, "{name}: std {std} vs {sigma}");
+    assert!(
+        (std - sigma).abs() < 4.0 * se_std + 0.01 * sigma,
+        "{name}: std {std} vs {sigma}"
+    );
 }
 
 #[test]
@@ -160,7 +168,9 @@ fn prior_log_prob_matches_closed_form() {
 
 fn invalid(result: Result<impl std::fmt::Debug, Error>, needle: &str) {
     match result {
-        Err(Error::InvalidParameter(msg)) => assert!(msg.contains(needle), "message `{msg}` should mention `{needle}`"),
+        Err(Error::InvalidParameter(msg)) => {
+            assert!(msg.contains(needle), "message `{msg}` should mention `{needle}`")
+        }
         other => panic!("expected InvalidParameter mentioning {needle}, got {other:?}"),
     }
 }

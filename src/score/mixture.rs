@@ -1,8 +1,8 @@
 //! Gaussian mixtures: exact scores, log-densities and samples at every time.
 
 use candle_core::{DType, Device, Tensor};
-use rand::Rng;
 use rand::distr::weighted::WeightedIndex;
+use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::{LogDensityModel, ScoreModel};
@@ -158,7 +158,13 @@ impl GaussianMixture {
     }
 
     /// `n` samples from the mixture itself (time 0), shape `[n, d]`.
-    pub fn sample<R: Rng + ?Sized>(&self, n: usize, dtype: DType, device: &Device, rng: &mut R) -> Result<Tensor> {
+    pub fn sample<R: Rng + ?Sized>(
+        &self,
+        n: usize,
+        dtype: DType,
+        device: &Device,
+        rng: &mut R,
+    ) -> Result<Tensor> {
         self.sample_scaled(n, 1.0, 0.0, dtype, device, rng)
     }
 
@@ -258,8 +264,17 @@ impl<S: Sde> DiffusedMixture<S> {
     /// assert!((var / 10.0 - 1.0).abs() < 0.05);
     /// # Ok::<(), scoresde::Error>(())
     /// ```
-    pub fn sample<R: Rng + ?Sized>(&self, n: usize, t: f64, dtype: DType, device: &Device, rng: &mut R) -> Result<Tensor> {
-        ensure(t.is_finite() && t >= 0.0, || format!("time must be finite and >= 0, got {t}"))?;
+    pub fn sample<R: Rng + ?Sized>(
+        &self,
+        n: usize,
+        t: f64,
+        dtype: DType,
+        device: &Device,
+        rng: &mut R,
+    ) -> Result<Tensor> {
+        ensure(t.is_finite() && t >= 0.0, || {
+            format!("time must be finite and >= 0, got {t}")
+        })?;
         self.mixture
             .sample_scaled(n, self.sde.mean_coeff(t), self.sde.std(t), dtype, device, rng)
     }
@@ -273,7 +288,10 @@ impl<S: Sde> DiffusedMixture<S> {
             return Err(Error::Shape(format!("the mixture has dimension {d}, x has {dx}")));
         }
         if t.dims() != [b] {
-            return Err(Error::Shape(format!("expected t of shape [{b}], got {:?}", t.dims())));
+            return Err(Error::Shape(format!(
+                "expected t of shape [{b}], got {:?}",
+                t.dims()
+            )));
         }
         let (dtype, device) = (x.dtype(), x.device());
         let constant = |values: &[f64], shape: &[usize]| -> Result<Tensor> {
@@ -297,7 +315,8 @@ impl<S: Sde> DiffusedMixture<S> {
         let whitened = (&projected / &variances)?;
         let quadratic = (&projected * &whitened)?.sum(2)?;
         let log_det = variances.log()?.sum(2)?;
-        let log_normal = (quadratic + log_det)?.affine(-0.5, -0.5 * d as f64 * (2.0 * std::f64::consts::PI).ln())?;
+        let log_normal =
+            (quadratic + log_det)?.affine(-0.5, -0.5 * d as f64 * (2.0 * std::f64::consts::PI).ln())?;
         let log_joint = log_normal.broadcast_add(&log_weights)?; // [K, B]
 
         // Stable log-sum-exp; the shift is detached since it cancels exactly.
@@ -407,7 +426,9 @@ fn eigen_decomposition(cov: &Covariance, d: usize) -> std::result::Result<(Vec<f
     }
     let values: Vec<f64> = (0..d).map(|i| a[i * d + i]).collect();
     if values.iter().any(|l| l.is_nan() || *l <= 0.0) {
-        return Err(format!("the matrix must be positive definite (eigenvalues {values:?})"));
+        return Err(format!(
+            "the matrix must be positive definite (eigenvalues {values:?})"
+        ));
     }
     Ok((values, v))
 }

@@ -127,7 +127,7 @@ pub struct VpSde {
 
 beta_schedule_api!(
     VpSde,
-    "```\nlet sde = scoresde::sde::VpSde::new(0.1, 20.0)?;\nassert_eq!(sde.beta(0.5), 10.05);\n# Ok::<(), scoresde::Error>(())\n```"
+    "```\nlet sde = scoresde::sde::VpSde::new(0.1, 20.0)?;\nassert!((sde.beta(0.5) - 10.05).abs() < 1e-12);\n# Ok::<(), scoresde::Error>(())\n```"
 );
 
 impl Sde for VpSde {

@@ -31,12 +31,16 @@ impl TimeGrid {
         ensure(times.len() >= 2, || {
             format!("a time grid needs at least 2 times, got {}", times.len())
         })?;
-        ensure(times.iter().all(|t| t.is_finite()), || "grid times must be finite".into())?;
+        ensure(times.iter().all(|t| t.is_finite()), || {
+            "grid times must be finite".into()
+        })?;
         let decreasing = times[1] < times[0];
         let monotone = times
             .windows(2)
             .all(|w| if decreasing { w[1] < w[0] } else { w[1] > w[0] });
-        ensure(monotone, || "grid times must be strictly increasing or strictly decreasing".into())?;
+        ensure(monotone, || {
+            "grid times must be strictly increasing or strictly decreasing".into()
+        })?;
         Ok(Self { times })
     }
 

@@ -44,7 +44,8 @@ mod reverse;
 pub use grid::{StepSchedule, TimeGrid};
 pub use ode::{Euler, Heun, OdeSampler, OdeSolution, OdeSolver, OdeSystem, ProbabilityFlow, Rk45};
 pub use reverse::{
-    Ancestral, Corrector, EulerMaruyama, Langevin, NoCorrector, Predictor, PredictorCorrector, ReverseDiffusion,
+    Ancestral, Corrector, EulerMaruyama, Langevin, NoCorrector, Predictor, PredictorCorrector,
+    ReverseDiffusion,
 };
 
 use std::cell::Cell;
@@ -142,7 +143,10 @@ pub(crate) fn check_start(x: &Tensor) -> Result<()> {
         )));
     }
     if !matches!(x.dtype(), DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
-        return Err(Error::Shape(format!("starting points must be floating point, got {:?}", x.dtype())));
+        return Err(Error::Shape(format!(
+            "starting points must be floating point, got {:?}",
+            x.dtype()
+        )));
     }
     ensure_finite(x, || "the starting points contain NaN or infinity".into())
 }

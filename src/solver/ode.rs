@@ -250,7 +250,9 @@ impl Rk45 {
     /// # Ok::<(), scoresde::Error>(())
     /// ```
     pub fn with_first_step(mut self, h: f64) -> Result<Self> {
-        ensure(h.is_finite() && h > 0.0, || format!("first step must be finite and > 0, got {h}"))?;
+        ensure(h.is_finite() && h > 0.0, || {
+            format!("first step must be finite and > 0, got {h}")
+        })?;
         self.first_step = Some(h);
         Ok(self)
     }
@@ -274,7 +276,11 @@ impl Rk45 {
     ) -> Result<f64> {
         let d0 = self.scaled_rms(y0, y0, y0)?;
         let d1 = self.scaled_rms(f0, y0, y0)?;
-        let h0 = if d0 < 1e-5 || d1 < 1e-5 { 1e-6 } else { 0.01 * d0 / d1 };
+        let h0 = if d0 < 1e-5 || d1 < 1e-5 {
+            1e-6
+        } else {
+            0.01 * d0 / d1
+        };
         let h0 = h0.min(span);
         let y1 = (y0 + (f0 * (direction * h0))?)?;
         let f1 = f.eval(t0 + direction * h0, &y1)?;
@@ -295,10 +301,28 @@ const A: [&[f64]; 6] = [
     &[1.0 / 5.0],
     &[3.0 / 40.0, 9.0 / 40.0],
     &[44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
-    &[19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0],
-    &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
+    &[
+        19372.0 / 6561.0,
+        -25360.0 / 2187.0,
+        64448.0 / 6561.0,
+        -212.0 / 729.0,
+    ],
+    &[
+        9017.0 / 3168.0,
+        -355.0 / 33.0,
+        46732.0 / 5247.0,
+        49.0 / 176.0,
+        -5103.0 / 18656.0,
+    ],
 ];
-const B: [f64; 6] = [35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0];
+const B: [f64; 6] = [
+    35.0 / 384.0,
+    0.0,
+    500.0 / 1113.0,
+    125.0 / 192.0,
+    -2187.0 / 6784.0,
+    11.0 / 84.0,
+];
 const E: [f64; 7] = [
     -71.0 / 57600.0,
     0.0,
@@ -438,7 +462,9 @@ impl<O: OdeSolver> OdeSampler<O> {
 
     /// The same sampler ending at `ε > 0`.
     pub fn with_eps(mut self, eps: f64) -> Result<Self> {
-        ensure(eps.is_finite() && eps > 0.0, || format!("eps must be finite and > 0, got {eps}"))?;
+        ensure(eps.is_finite() && eps > 0.0, || {
+            format!("eps must be finite and > 0, got {eps}")
+        })?;
         self.eps = eps;
         Ok(self)
     }
@@ -450,10 +476,20 @@ impl<O: OdeSolver> OdeSampler<O> {
 }
 
 impl<S: Sde, O: OdeSolver> Sampler<S> for OdeSampler<O> {
-    fn sample<M: ScoreModel, R: Rng + ?Sized>(&self, sde: &S, model: &M, x_end: &Tensor, _rng: &mut R) -> Result<Samples> {
+    fn sample<M: ScoreModel, R: Rng + ?Sized>(
+        &self,
+        sde: &S,
+        model: &M,
+        x_end: &Tensor,
+        _rng: &mut R,
+    ) -> Result<Samples> {
         check_start(x_end)?;
         ensure(self.eps < sde.end_time(), || {
-            format!("eps ({}) must be below the SDE's end time ({})", self.eps, sde.end_time())
+            format!(
+                "eps ({}) must be below the SDE's end time ({})",
+                self.eps,
+                sde.end_time()
+            )
         })?;
         let flow = ProbabilityFlow::new(sde, model);
         let solution = self.solver.solve(&flow, x_end, sde.end_time(), self.eps)?;

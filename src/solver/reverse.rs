@@ -98,7 +98,8 @@ impl<S: Sde> Predictor<S> for EulerMaruyama {
         let g2 = sde.diffusion(t).powi(2);
         let score = model.score(x, &time_like(t, x)?)?;
         // x − [a x − ½(1+λ²)g² s]·dt
-        let mean = ((x * (1.0 - sde.drift_coeff(t) * dt))? + (score * (0.5 * (1.0 + self.lambda.powi(2)) * g2 * dt))?)?;
+        let mean = ((x * (1.0 - sde.drift_coeff(t) * dt))?
+            + (score * (0.5 * (1.0 + self.lambda.powi(2)) * g2 * dt))?)?;
         if !add_noise || self.lambda == 0.0 {
             return Ok(mean);
         }
@@ -212,8 +213,12 @@ pub struct Langevin {
 impl Langevin {
     /// A corrector with signal-to-noise ratio `snr > 0` and `steps ≥ 1` moves per time.
     pub fn new(snr: f64, steps: usize) -> Result<Self> {
-        ensure(snr.is_finite() && snr > 0.0, || format!("snr must be finite and > 0, got {snr}"))?;
-        ensure(steps > 0, || "the Langevin corrector needs at least one step".into())?;
+        ensure(snr.is_finite() && snr > 0.0, || {
+            format!("snr must be finite and > 0, got {snr}")
+        })?;
+        ensure(steps > 0, || {
+            "the Langevin corrector needs at least one step".into()
+        })?;
         Ok(Self { snr, steps })
     }
 }
@@ -309,7 +314,9 @@ impl<P, C> PredictorCorrector<P, C> {
     /// The same sampler ending at `ε > 0` (ignored when the schedule is an explicit grid,
     /// which carries its own end).
     pub fn with_eps(mut self, eps: f64) -> Result<Self> {
-        ensure(eps.is_finite() && eps > 0.0, || format!("eps must be finite and > 0, got {eps}"))?;
+        ensure(eps.is_finite() && eps > 0.0, || {
+            format!("eps must be finite and > 0, got {eps}")
+        })?;
         self.eps = eps;
         Ok(self)
     }
@@ -343,7 +350,9 @@ impl<S: Sde, P: Predictor<S>, C: Corrector> Sampler<S> for PredictorCorrector<P,
             x = self.corrector.correct(sde, &model, &x, t, dt, rng)?;
             let last = i + 2 == times.len();
             x = self.predictor.step(sde, &model, &x, t, dt, !last, rng)?;
-            ensure_finite(&x, || format!("the sampler's state blew up at t = {t} (step {i})"))?;
+            ensure_finite(&x, || {
+                format!("the sampler's state blew up at t = {t} (step {i})")
+            })?;
         }
         Ok(Samples {
             x,
