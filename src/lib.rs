@@ -1,6 +1,7 @@
 //! scoresde (crate docs written with the foundation)
 #![warn(missing_docs)]
 
+pub mod autodiff;
 mod error;
 pub mod score;
 
