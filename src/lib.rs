@@ -6,4 +6,4 @@ mod error;
 pub mod score;
 
 pub use error::{Error, Result};
-pub use score::{LogDensityModel, ScoreModel};
+pub use score::{GradientScore, LogDensityModel, ScoreModel};
