@@ -86,6 +86,8 @@
 //! | [`sde`] | forward SDEs: VP, sub-VP, VE, Ornstein–Uhlenbeck |
 //! | [`score`] | [`ScoreModel`], [`LogDensityModel`], exact Gaussian mixtures |
 //! | [`solver`] | Euler–Maruyama, predictor–corrector, Euler/Heun/RK45 probability-flow ODE |
+//! | [`autodiff`] | input derivatives: gradients, divergences, `∂/∂t`, the second-order guard |
+//! | [`likelihood`] | log-density and bits/dim through the probability-flow ODE |
 //! | [`regularizer`] | penalties added to the training loss |
 //! | [`random`] | seeded noise (candle's own RNG cannot be seeded) |
 //!
@@ -93,7 +95,9 @@
 //! `docs/design.md`.
 #![warn(missing_docs)]
 
+pub mod autodiff;
 mod error;
+
 pub mod random;
 pub mod regularizer;
 pub mod score;
@@ -101,7 +105,7 @@ pub mod sde;
 pub mod solver;
 
 pub use error::{Error, Result};
-pub use score::{LogDensityModel, ScoreModel};
+pub use score::{GradientScore, LogDensityModel, ScoreModel};
 
 /// The types most programs use, in one import.
 ///
@@ -111,7 +115,7 @@ pub use score::{LogDensityModel, ScoreModel};
 /// assert_eq!(sde.end_time(), 1.0);
 /// ```
 pub mod prelude {
-    pub use crate::score::{Covariance, GaussianMixture, LogDensityModel, ScoreModel};
+    pub use crate::score::{Covariance, GaussianMixture, GradientScore, LogDensityModel, ScoreModel};
     pub use crate::sde::{OuSde, Sde, SubVpSde, VeSde, VpSde};
     pub use crate::solver::{
         Ancestral, Euler, EulerMaruyama, Heun, Langevin, OdeSampler, OdeSolver, PredictorCorrector,

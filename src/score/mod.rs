@@ -11,6 +11,9 @@ use candle_core::Tensor;
 
 use crate::Result;
 
+mod potential;
+pub use potential::GradientScore;
+
 /// A score model `s(x, t) ≈ ∇ₓ log p_t(x)`.
 ///
 /// `x` has shape `[B, …]` and `t` has shape `[B]` (one time per sample); the score has the
