@@ -291,12 +291,7 @@ impl Probe {
     /// assert_eq!(probes.len(), 3);
     /// # Ok::<(), scoresde::Error>(())
     /// ```
-    pub fn sample_many<R: Rng + ?Sized>(
-        &self,
-        like: &Tensor,
-        k: usize,
-        rng: &mut R,
-    ) -> Result<Vec<Tensor>> {
+    pub fn sample_many<R: Rng + ?Sized>(&self, like: &Tensor, k: usize, rng: &mut R) -> Result<Vec<Tensor>> {
         (0..k).map(|_| self.sample(like, rng)).collect()
     }
 }
@@ -373,11 +368,7 @@ pub fn divergence_hutchinson(y: &Tensor, x: &Tensor, probes: &[Tensor]) -> Resul
 /// assert_eq!(ds.to_vec2::<f64>()?, [[0.5, -1.0]]);
 /// # Ok::<(), scoresde::Error>(())
 /// ```
-pub fn time_derivative_autodiff<M: ScoreModel + ?Sized>(
-    model: &M,
-    x: &Tensor,
-    t: &Tensor,
-) -> Result<Tensor> {
+pub fn time_derivative_autodiff<M: ScoreModel + ?Sized>(model: &M, x: &Tensor, t: &Tensor) -> Result<Tensor> {
     ensure_higher_order_gradients()?;
     let (b, d) = check_x_t("time_derivative_autodiff", x, t)?;
     let t_leaf = leaf(t)?;

@@ -97,7 +97,7 @@
 
 pub mod autodiff;
 mod error;
-
+pub mod likelihood;
 pub mod random;
 pub mod regularizer;
 pub mod score;

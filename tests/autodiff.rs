@@ -20,8 +20,8 @@ use candle_nn::{Linear, Module, VarBuilder, VarMap};
 use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use scoresde::autodiff::{
-    divergence_exact, divergence_hutchinson, grad, leaf, time_derivative_autodiff,
-    time_derivative_fd, vjp, Probe, DEFAULT_FD_HD, DEFAULT_FD_HS,
+    divergence_exact, divergence_hutchinson, grad, leaf, time_derivative_autodiff, time_derivative_fd, vjp,
+    Probe, DEFAULT_FD_HD, DEFAULT_FD_HS,
 };
 use scoresde::{Error, GradientScore, LogDensityModel, Result, ScoreModel};
 
@@ -132,10 +132,7 @@ fn fd_laplacian(u: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor, h: f64) -> Ve
 fn fd_time(model: &dyn ScoreModel, x: &Tensor, t: &Tensor, h: f64) -> Vec<f64> {
     let sp = flat(&model.score(x, &(t + h).unwrap()).unwrap());
     let sm = flat(&model.score(x, &(t - h).unwrap()).unwrap());
-    sp.iter()
-        .zip(&sm)
-        .map(|(p, m)| (p - m) / (2.0 * h))
-        .collect()
+    sp.iter().zip(&sm).map(|(p, m)| (p - m) / (2.0 * h)).collect()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -216,11 +213,8 @@ impl Mlp {
                 0.3
             };
             let normal = Normal::new(0.0, scale).unwrap();
-            let values: Vec<f64> = (0..var.elem_count())
-                .map(|_| normal.sample(&mut rng))
-                .collect();
-            var.set(&Tensor::from_vec(values, dims, &dev()).unwrap())
-                .unwrap();
+            let values: Vec<f64> = (0..var.elem_count()).map(|_| normal.sample(&mut rng)).collect();
+            var.set(&Tensor::from_vec(values, dims, &dev()).unwrap()).unwrap();
         }
         net
     }
@@ -338,12 +332,7 @@ fn vjp_matches_finite_differences() -> Result<()> {
         let got = vjp(&f(&xl)?, &xl, &v)?;
         // vᵀ∂y/∂x per sample = ∇ₓ Σ (y · v).
         let weighted = |x: &Tensor| -> Result<Tensor> { Ok((f(x)? * &v)?) };
-        assert_close(
-            &flat(&got),
-            &fd_grad_of_sum(&weighted, &x, H),
-            TOL_FIRST,
-            name,
-        );
+        assert_close(&flat(&got), &fd_grad_of_sum(&weighted, &x, H), TOL_FIRST, name);
     }
     Ok(())
 }
@@ -355,16 +344,10 @@ fn vjp_rejects_bad_weights() -> Result<()> {
     let short = Tensor::ones((3, 2), DType::F64, &dev())?;
     assert!(matches!(vjp(&y, &x, &short), Err(Error::Shape(_))));
     let f32s = Tensor::ones((3, 3), DType::F32, &dev())?;
-    assert!(matches!(
-        vjp(&y, &x, &f32s),
-        Err(Error::InvalidParameter(_))
-    ));
+    assert!(matches!(vjp(&y, &x, &f32s), Err(Error::InvalidParameter(_))));
     // A weight computed from x would silently add (∂v/∂x)ᵀy.
     let from_x = x.sin()?;
-    assert!(matches!(
-        vjp(&y, &x, &from_x),
-        Err(Error::InvalidParameter(_))
-    ));
+    assert!(matches!(vjp(&y, &x, &from_x), Err(Error::InvalidParameter(_))));
     assert!(vjp(&y, &x, &from_x.detach()).is_ok());
     Ok(())
 }
@@ -394,10 +377,7 @@ fn exact_divergence_matches_finite_differences() -> Result<()> {
 #[test]
 fn exact_divergence_flattens_trailing_dimensions() -> Result<()> {
     // x of shape [B, 2, 2]: y couples entries across both trailing axes.
-    let x = Tensor::new(
-        &[[[0.3f64, -0.7], [1.1, 0.4]], [[-1.2, 0.9], [0.8, 1.5]]],
-        &dev(),
-    )?;
+    let x = Tensor::new(&[[[0.3f64, -0.7], [1.1, 0.4]], [[-1.2, 0.9], [0.8, 1.5]]], &dev())?;
     let f = |x: &Tensor| -> Result<Tensor> {
         let swapped = x.transpose(1, 2)?;
         Ok(((x.tanh()? * &swapped)? + x.sqr()?.roll(1, 2)?)?)
@@ -485,10 +465,7 @@ fn divergences_reject_bad_shapes() -> Result<()> {
     let x = leaf(&x_batch())?;
     let y = y_closed(&x)?;
     let narrow = y.narrow(1, 0, 2)?;
-    assert!(matches!(
-        divergence_exact(&narrow, &x),
-        Err(Error::Shape(_))
-    ));
+    assert!(matches!(divergence_exact(&narrow, &x), Err(Error::Shape(_))));
     assert!(matches!(
         divergence_hutchinson(&narrow, &x, &[narrow.ones_like()?]),
         Err(Error::Shape(_))
@@ -536,9 +513,8 @@ fn time_derivative_autodiff_matches_finite_differences() -> Result<()> {
 #[test]
 fn fd_stencil_error_is_second_order() -> Result<()> {
     // s = x·exp(2t): ∂ₜs = 2s, ∂ₜ³s = 8s, and the stencil's leading error is hs·hd/6·∂ₜ³s.
-    let model = |x: &Tensor, t: &Tensor| -> Result<Tensor> {
-        Ok(x.broadcast_mul(&(t * 2.0)?.exp()?.unsqueeze(1)?)?)
-    };
+    let model =
+        |x: &Tensor, t: &Tensor| -> Result<Tensor> { Ok(x.broadcast_mul(&(t * 2.0)?.exp()?.unsqueeze(1)?)?) };
     let x = x_batch();
     let t = t_batch();
     let exact = flat(&time_derivative_autodiff(&model, &x, &t)?);
@@ -559,13 +535,7 @@ fn fd_stencil_error_is_second_order() -> Result<()> {
     // And on an MLP, whose third time derivative is O(1): agreement to O(hs·hd).
     let (_map, mlp) = mlp_score(6);
     let ad = flat(&time_derivative_autodiff(&mlp, &x, &t)?);
-    let fd = flat(&time_derivative_fd(
-        &mlp,
-        &x,
-        &t,
-        DEFAULT_FD_HS,
-        DEFAULT_FD_HD,
-    )?);
+    let fd = flat(&time_derivative_fd(&mlp, &x, &t, DEFAULT_FD_HS, DEFAULT_FD_HD)?);
     assert_close(&fd, &ad, 1e-6, "mlp stencil");
     Ok(())
 }
@@ -583,12 +553,7 @@ fn time_derivatives_reject_bad_input() -> Result<()> {
         Err(Error::Shape(_))
     ));
     let t = t_batch();
-    for (hs, hd) in [
-        (0.0, 1e-3),
-        (1e-3, -1.0),
-        (f64::NAN, 1e-3),
-        (1e-3, f64::INFINITY),
-    ] {
+    for (hs, hd) in [(0.0, 1e-3), (1e-3, -1.0), (f64::NAN, 1e-3), (1e-3, f64::INFINITY)] {
         assert!(matches!(
             time_derivative_fd(&s_closed, &x, &t, hs, hd),
             Err(Error::InvalidParameter(_))
@@ -615,10 +580,8 @@ fn gradient_score_and_its_laplacian_match_finite_differences() -> Result<()> {
     let x = x_batch();
     let t = t_batch();
     let (_map, mlp) = mlp_potential(7);
-    let cases: Vec<(&str, Box<dyn LogDensityModel>)> = vec![
-        ("closed form", Box::new(ClosedPotential)),
-        ("mlp", Box::new(mlp)),
-    ];
+    let cases: Vec<(&str, Box<dyn LogDensityModel>)> =
+        vec![("closed form", Box::new(ClosedPotential)), ("mlp", Box::new(mlp))];
     for (name, potential) in cases {
         let u = |x: &Tensor| potential.log_density(x, &t);
         let model = GradientScore::new(Borrowed(&*potential));
@@ -631,12 +594,7 @@ fn gradient_score_and_its_laplacian_match_finite_differences() -> Result<()> {
         let s = model.score(&xl, &t)?;
         assert_close(&flat(&s), &fd_score, TOL_FIRST, name);
         let lap = divergence_exact(&s, &xl)?;
-        assert_close(
-            &flat(&lap),
-            &fd_laplacian(&u, &x, H_SECOND),
-            TOL_SECOND,
-            name,
-        );
+        assert_close(&flat(&lap), &fd_laplacian(&u, &x, H_SECOND), TOL_SECOND, name);
         // The values-only mode: same values, detached unless x is tracked.
         let sampling = GradientScore::values_only(Borrowed(&*potential));
         let s_plain = sampling.score(&x, &t)?;
@@ -710,10 +668,7 @@ fn check_param_grads(map: &VarMap, loss: &dyn Fn() -> Result<Tensor>, what: &str
         let g = grad(&l, var.as_tensor())?.to_vec2::<f64>()?[index.0][index.1];
         let scalar_loss = || loss().unwrap().to_scalar::<f64>().unwrap();
         let want = fd_param(map, name, index, &scalar_loss);
-        assert!(
-            g.abs() > 1e-6,
-            "{what}, {name}: gradient {g} too small to test"
-        );
+        assert!(g.abs() > 1e-6, "{what}, {name}: gradient {g} too small to test");
         assert_close(&[g], &[want], TOL_PARAM, &format!("{what}, d/d {name}"));
     }
     Ok(())
@@ -733,8 +688,7 @@ fn parameter_gradients_of_input_derivatives_match_finite_differences() -> Result
     check_param_grads(&map, &divergence_loss, "Σ ∇·s")?;
 
     // Second order in t: d/dθ Σ (∂ₜs)².
-    let time_loss =
-        || -> Result<Tensor> { Ok(time_derivative_autodiff(&mlp, &x, &t)?.sqr()?.sum_all()?) };
+    let time_loss = || -> Result<Tensor> { Ok(time_derivative_autodiff(&mlp, &x, &t)?.sqr()?.sum_all()?) };
     check_param_grads(&map, &time_loss, "Σ (∂ₜs)²")?;
 
     // Third order: d/dθ Σ (Δu_θ + |∇u_θ|²) for a potential (the log-density FP residual).

@@ -40,11 +40,7 @@ fn without_second_order() -> Result<()> {
     // the guard refuses anyway, since the result is meant to be trained through.
     let y = (x.tanh()? * x.roll(1, 1)?)?;
     assert!(unavailable(divergence_exact(&y, &x)));
-    assert!(unavailable(divergence_hutchinson(
-        &y,
-        &x,
-        &[y.ones_like()?]
-    )));
+    assert!(unavailable(divergence_hutchinson(&y, &x, &[y.ones_like()?])));
     assert!(unavailable(grad(&y, &x)));
     assert!(unavailable(vjp(&y, &x, &y.ones_like()?)));
     let model = |x: &Tensor, t: &Tensor| Ok(x.broadcast_mul(&t.unsqueeze(1)?)?.tanh()?);
@@ -56,18 +52,13 @@ fn without_second_order() -> Result<()> {
     // (∇ Σ xᵢ⁴ = 4x³) …
     let plain = x.detach();
     let s = GradientScore::values_only(Quartic).score(&plain, &t)?;
-    let want: Vec<f64> = [0.5f64, -1.0, 2.0, 0.3]
-        .iter()
-        .map(|v| 4.0 * v * v * v)
-        .collect();
+    let want: Vec<f64> = [0.5f64, -1.0, 2.0, 0.3].iter().map(|v| 4.0 * v * v * v).collect();
     let got = s.flatten_all()?.to_vec1::<f64>()?;
     for (g, w) in got.iter().zip(&want) {
         assert!((g - w).abs() < 1e-12, "values-only score {g} vs {w}");
     }
     // … but not for a tracked x, whose score would be differentiated again.
-    assert!(unavailable(
-        GradientScore::values_only(Quartic).score(&x, &t)
-    ));
+    assert!(unavailable(GradientScore::values_only(Quartic).score(&x, &t)));
     Ok(())
 }
 

@@ -158,9 +158,11 @@ impl<M: LogDensityModel> GradientScore<M> {
     /// `u(x, t)`, checked to have shape `[B]`.
     fn checked_log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let u = self.inner.log_density(x, t)?;
-        let b = x.dims().first().copied().ok_or_else(|| {
-            Error::Shape("GradientScore: x is a scalar; it needs shape [B, …]".into())
-        })?;
+        let b = x
+            .dims()
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Shape("GradientScore: x is a scalar; it needs shape [B, …]".into()))?;
         if u.dims() != [b] {
             return Err(Error::Shape(format!(
                 "GradientScore: the log-density model returned shape {:?} for x of shape {:?}; \

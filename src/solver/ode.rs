@@ -294,6 +294,22 @@ impl Rk45 {
     }
 }
 
+impl Default for Rk45 {
+    /// score_sde's tolerances: `rtol = atol = 1e-5`.
+    ///
+    /// ```
+    /// assert_eq!(scoresde::solver::Rk45::default(), scoresde::solver::Rk45::new(1e-5, 1e-5)?);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn default() -> Self {
+        Self {
+            rtol: 1e-5,
+            atol: 1e-5,
+            first_step: None,
+        }
+    }
+}
+
 // Dormand–Prince 5(4) tableau (scipy.integrate._ivp.rk.RK45).
 const C: [f64; 6] = [0.0, 1.0 / 5.0, 3.0 / 10.0, 4.0 / 5.0, 8.0 / 9.0, 1.0];
 const A: [&[f64]; 6] = [
