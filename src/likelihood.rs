@@ -20,7 +20,8 @@
 //! use scoresde::score::{Covariance, GaussianMixture, LogDensityModel};
 //! use scoresde::sde::VpSde;
 //!
-//! let data = GaussianMixture::new(vec![1.0], vec![vec![1.0, -1.0]], vec![Covariance::Isotropic(0.5)])?;
+//! // N(0, I) is left invariant by the VP SDE, so here the prior is exactly p_T.
+//! let data = GaussianMixture::new(vec![1.0], vec![vec![0.0, 0.0]], vec![Covariance::Isotropic(1.0)])?;
 //! let exact = data.diffused(VpSde::default());
 //! let mut rng = StdRng::seed_from_u64(0);
 //! let x = data.sample(4, DType::F64, &Device::Cpu, &mut rng)?;
