@@ -296,6 +296,72 @@ impl Probe {
     }
 }
 
+/// How a divergence `∇·y` is computed: exactly, or by Hutchinson's estimator.
+///
+/// One choice for every place that needs a divergence (likelihoods, both Fokker–Planck
+/// regularizers). Probes are drawn separately ([`Divergence::draw_probes`]) so a caller can
+/// keep them fixed, as the likelihood ODE does for a whole solve.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use rand::{rngs::StdRng, SeedableRng};
+/// use scoresde::autodiff::{leaf, Divergence, Probe};
+/// let x = leaf(&Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu)?)?;
+/// let y = (&x * 3.0)?;
+/// for method in [Divergence::Exact, Divergence::Hutchinson { probe: Probe::Rademacher, probes: 2 }] {
+///     let probes = method.draw_probes(&x, &mut StdRng::seed_from_u64(0))?;
+///     assert_eq!(method.evaluate(&y, &x, &probes)?.to_vec1::<f64>()?, [6.0]);
+/// }
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Divergence {
+    /// The exact trace of the Jacobian: one backward pass per dimension.
+    Exact,
+    /// Hutchinson: the mean of `vᵀ(∂y/∂x)v` over `probes` probes; unbiased, one backward
+    /// pass per probe.
+    Hutchinson {
+        /// The probe distribution.
+        probe: Probe,
+        /// Probes per sample (at least 1).
+        probes: usize,
+    },
+}
+
+impl Divergence {
+    /// Checks the settings (at least one Hutchinson probe).
+    ///
+    /// ```
+    /// use scoresde::autodiff::{Divergence, Probe};
+    /// assert!(Divergence::Hutchinson { probe: Probe::Gaussian, probes: 0 }.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Divergence::Hutchinson { probes: 0, .. } => Err(Error::InvalidParameter(
+                "Hutchinson's estimator needs at least one probe".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The probes this method needs for inputs shaped like `like` (none for `Exact`).
+    pub fn draw_probes<R: Rng + ?Sized>(&self, like: &Tensor, rng: &mut R) -> Result<Vec<Tensor>> {
+        self.validate()?;
+        match self {
+            Divergence::Exact => Ok(Vec::new()),
+            Divergence::Hutchinson { probe, probes } => probe.sample_many(like, *probes, rng),
+        }
+    }
+
+    /// `∇·y` per sample, `[B]`, with probes from [`Self::draw_probes`].
+    pub fn evaluate(&self, y: &Tensor, x: &Tensor, probes: &[Tensor]) -> Result<Tensor> {
+        match self {
+            Divergence::Exact => divergence_exact(y, x),
+            Divergence::Hutchinson { .. } => divergence_hutchinson(y, x, probes),
+        }
+    }
+}
+
 /// Hutchinson estimate of the divergence per sample, keeping the graph: the mean over the
 /// given probes `v` of `vᵀ (∂y/∂x) v`, shape `[B]`.
 ///

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! The divergence is exact (`d` backward passes) or a Hutchinson–Skilling estimate with one
-//! fixed probe per sample for the whole solve ([`Trace`]). As in score_sde, the prior
+//! fixed probe per sample for the whole solve ([`Divergence`]). As in score_sde, the prior
 //! `N(0, vI)` stands in for the true `p_T`; the two differ by `O(α(T))` (VP with the
 //! default schedule: α(1) ≈ 0.0066), which bounds how exact any such likelihood can be. [`Likelihood`] also encodes data
 //! to its latent `x(T)` and decodes latents back, through the same ODE.
@@ -38,26 +38,11 @@
 use candle_core::{DType, Tensor};
 use rand::Rng;
 
-use crate::autodiff::{divergence_exact, divergence_hutchinson, leaf, Probe};
+use crate::autodiff::{leaf, Divergence};
 use crate::error::ensure;
 use crate::sde::Sde;
 use crate::solver::{OdeSolution, OdeSolver, OdeSystem, ProbabilityFlow, Rk45};
 use crate::{Error, Result, ScoreModel};
-
-/// How the divergence `∇·s` inside the likelihood ODE is computed.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Trace {
-    /// The exact trace of the Jacobian: one backward pass per dimension.
-    Exact,
-    /// Hutchinson–Skilling: the mean of `vᵀ(∂s/∂x)v` over `probes` fixed probes per sample,
-    /// drawn once before the solve. Unbiased; one backward pass per probe.
-    Hutchinson {
-        /// The probe distribution.
-        probe: Probe,
-        /// Probes per sample (at least 1).
-        probes: usize,
-    },
-}
 
 /// Uniform dequantization of discrete data (score_sde's evaluation of 8-bit images).
 ///
@@ -146,12 +131,12 @@ pub struct LikelihoodEstimate {
 /// `ε = 1e-5`, exact trace.
 ///
 /// ```
-/// use scoresde::autodiff::Probe;
-/// use scoresde::likelihood::{Likelihood, Trace};
+/// use scoresde::autodiff::{Divergence, Probe};
+/// use scoresde::likelihood::Likelihood;
 /// use scoresde::solver::Rk45;
 /// let fast = Likelihood::new()
 ///     .with_solver(Rk45::new(1e-4, 1e-4)?)
-///     .with_trace(Trace::Hutchinson { probe: Probe::Rademacher, probes: 1 })?;
+///     .with_divergence(Divergence::Hutchinson { probe: Probe::Rademacher, probes: 1 })?;
 /// # let _ = fast;
 /// # Ok::<(), scoresde::Error>(())
 /// ```
@@ -159,7 +144,7 @@ pub struct LikelihoodEstimate {
 pub struct Likelihood<O = Rk45> {
     solver: O,
     eps: f64,
-    trace: Trace,
+    divergence: Divergence,
     dequantization: Option<Dequantization>,
 }
 
@@ -167,12 +152,12 @@ pub struct Likelihood<O = Rk45> {
 pub const DEFAULT_LIKELIHOOD_EPS: f64 = 1e-5;
 
 impl Likelihood<Rk45> {
-    /// score_sde's settings: RK45 (`rtol = atol = 1e-5`), `ε = 1e-5`, exact trace.
+    /// score_sde's settings: RK45 (`rtol = atol = 1e-5`), `ε = 1e-5`, exact divergence.
     pub fn new() -> Self {
         Self {
             solver: Rk45::default(),
             eps: DEFAULT_LIKELIHOOD_EPS,
-            trace: Trace::Exact,
+            divergence: Divergence::Exact,
             dequantization: None,
         }
     }
@@ -190,7 +175,7 @@ impl<O: OdeSolver> Likelihood<O> {
         Likelihood {
             solver,
             eps: self.eps,
-            trace: self.trace,
+            divergence: self.divergence,
             dequantization: self.dequantization,
         }
     }
@@ -204,12 +189,10 @@ impl<O: OdeSolver> Likelihood<O> {
         Ok(self)
     }
 
-    /// Chooses the divergence estimator.
-    pub fn with_trace(mut self, trace: Trace) -> Result<Self> {
-        if let Trace::Hutchinson { probes, .. } = trace {
-            ensure(probes > 0, || "Hutchinson needs at least one probe".into())?;
-        }
-        self.trace = trace;
+    /// Chooses how `∇·s` is computed (Hutchinson probes stay fixed for the whole solve).
+    pub fn with_divergence(mut self, divergence: Divergence) -> Result<Self> {
+        divergence.validate()?;
+        self.divergence = divergence;
         Ok(self)
     }
 
@@ -236,15 +219,12 @@ impl<O: OdeSolver> Likelihood<O> {
             None => x.clone(),
         };
         let (b, d) = (x.dim(0)?, x.elem_count() / x.dim(0)?);
-        let probes = match self.trace {
-            Trace::Exact => Vec::new(),
-            Trace::Hutchinson { probe, probes } => probe.sample_many(&x, probes, rng)?,
-        };
         let system = AugmentedFlow {
             sde,
             model,
             shape: x.dims().to_vec(),
-            probes,
+            divergence: self.divergence,
+            probes: self.divergence.draw_probes(&x, rng)?,
         };
         let start = Tensor::cat(
             &[
@@ -316,7 +296,8 @@ struct AugmentedFlow<'a, S, M> {
     model: &'a M,
     /// The shape of `x` as the model expects it.
     shape: Vec<usize>,
-    /// Fixed Hutchinson probes (empty: exact trace).
+    divergence: Divergence,
+    /// Fixed for the whole solve (Hutchinson–Skilling).
     probes: Vec<Tensor>,
 }
 
@@ -334,11 +315,7 @@ impl<S: Sde, M: ScoreModel> OdeSystem for AugmentedFlow<'_, S, M> {
                 x.dims()
             )));
         }
-        let divergence = if self.probes.is_empty() {
-            divergence_exact(&score, &x)?
-        } else {
-            divergence_hutchinson(&score, &x, &self.probes)?
-        };
+        let divergence = self.divergence.evaluate(&score, &x, &self.probes)?;
         let (a, g2) = (self.sde.drift_coeff(t), self.sde.diffusion(t).powi(2));
         let drift = ((x.detach() * a)? - (score.detach() * (0.5 * g2))?)?.reshape((b, d))?;
         let trace = divergence

@@ -2,8 +2,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
-use scoresde::autodiff::Probe;
-use scoresde::likelihood::{Dequantization, Likelihood, Trace};
+use scoresde::autodiff::{Divergence, Probe};
+use scoresde::likelihood::{Dequantization, Likelihood};
 use scoresde::score::{Covariance, GaussianMixture, LogDensityModel};
 use scoresde::sde::{Sde, SubVpSde, VeSde, VpSde};
 use scoresde::solver::Rk45;
@@ -106,7 +106,7 @@ fn hutchinson_likelihood_is_unbiased() {
     let batch = x.repeat((400, 1)).unwrap();
     for probe in [Probe::Rademacher, Probe::Gaussian] {
         let hutch = likelihood()
-            .with_trace(Trace::Hutchinson { probe, probes: 1 })
+            .with_divergence(Divergence::Hutchinson { probe, probes: 1 })
             .unwrap();
         let values = hutch
             .evaluate(&sde, &exact, &batch, &mut rng)
@@ -209,7 +209,7 @@ fn bad_inputs_are_errors() {
         Err(Error::Shape(_))
     ));
     assert!(Likelihood::new()
-        .with_trace(Trace::Hutchinson {
+        .with_divergence(Divergence::Hutchinson {
             probe: Probe::Gaussian,
             probes: 0
         })

@@ -1,7 +1,21 @@
 //! Penalties added to the denoising score-matching loss.
 //!
 //! A [`Regularizer`] maps a model and a batch of perturbed points `(x_t, t)` to a scalar
-//! penalty; the [`Trainer`](crate::train::Trainer) minimizes `DSM + Σ λᵢ·penaltyᵢ`.
+//! penalty; the trainer minimizes `DSM + Σ λᵢ·penaltyᵢ`. Two are built in:
+//!
+//! * [`ScoreFpe`]: the score Fokker–Planck residual of Lai et al. (ICML 2023), for any
+//!   [`ScoreModel`](crate::ScoreModel);
+//! * [`LogDensityFp`]: the log-density Fokker–Planck residual of Deveney et al. (2025), for
+//!   potential models ([`LogDensityModel`](crate::LogDensityModel)).
+//!
+//! Both differentiate the network with respect to its inputs and train through those
+//! derivatives, so they need candle's second-order gradients: see [`crate::autodiff`].
+
+mod log_density_fp;
+mod score_fpe;
+
+pub use log_density_fp::{Boundary, Collocation, LogDensityFp};
+pub use score_fpe::{ScoreFpe, TimeDerivative, TimeWeighting};
 
 use candle_core::Tensor;
 use rand::RngCore;
