@@ -123,3 +123,8 @@ pub mod prelude {
     };
     pub use crate::{Error, Result};
 }
+
+// The README's code is compiled and run as a doctest, so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
