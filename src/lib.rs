@@ -98,6 +98,7 @@
 pub mod autodiff;
 mod error;
 pub mod likelihood;
+pub mod metrics;
 pub mod random;
 pub mod regularizer;
 pub mod score;

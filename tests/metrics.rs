@@ -1,0 +1,187 @@
+//! Distances between sample sets against closed forms and brute force.
+
+use candle_core::{DType, Device, Tensor};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use scoresde::metrics::{energy_distance, mmd2_unbiased, sliced_w2, w2_exact, w2_squared_exact};
+use scoresde::Error;
+
+fn gaussian(n: usize, mean: [f64; 2], std: f64, seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let z = scoresde::random::standard_normal((n, 2), DType::F64, &Device::Cpu, &mut rng).unwrap();
+    (z * std)
+        .unwrap()
+        .broadcast_add(&Tensor::new(&mean, &Device::Cpu).unwrap())
+        .unwrap()
+}
+
+fn permuted(x: &Tensor, seed: u64) -> Tensor {
+    let mut idx: Vec<u32> = (0..x.dim(0).unwrap() as u32).collect();
+    idx.shuffle(&mut StdRng::seed_from_u64(seed));
+    x.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu).unwrap(), 0)
+        .unwrap()
+}
+
+/// W2(N(m1, s1²I), N(m2, s2²I)) = √(|m1 − m2|² + d(s1 − s2)²) = √(9 + 2·0.25) ≈ 3.082.
+/// Between two empirical sets of n = 1000 the estimate is biased upward by the sampling
+/// error of each set, W2(μ_n, μ) ≈ 0.1–0.2 in 2-D; most of it cancels against the large
+/// translation, so we allow 3%.
+#[test]
+fn w2_of_large_gaussian_samples_matches_the_closed_form() {
+    let x = gaussian(1000, [0.0, 0.0], 1.0, 1);
+    let y = gaussian(1000, [3.0, 0.0], 0.5, 2);
+    let want = (9.0f64 + 2.0 * 0.25).sqrt();
+    let got = w2_exact(&x, &y).unwrap();
+    assert!((got - want).abs() < 0.03 * want, "{got} vs {want}");
+    // Sliced: each direction θ gives the 1-D W2² (Δm·θ)² + (s1 − s2)², whose mean over
+    // the circle is |Δm|²/2 + (s1 − s2)² = 4.75. 200 random directions: allow 5%.
+    let sliced = sliced_w2(&x, &y, 200, &mut StdRng::seed_from_u64(3)).unwrap();
+    let want = 4.75f64.sqrt();
+    assert!((sliced - want).abs() < 0.05 * want, "sliced {sliced} vs {want}");
+}
+
+fn brute_force_w2_squared(x: &[[f64; 2]], y: &[[f64; 2]]) -> f64 {
+    fn permutations(k: usize, items: &mut Vec<usize>, visit: &mut dyn FnMut(&[usize])) {
+        if k == items.len() {
+            visit(items);
+            return;
+        }
+        for i in k..items.len() {
+            items.swap(k, i);
+            permutations(k + 1, items, visit);
+            items.swap(k, i);
+        }
+    }
+    let n = x.len();
+    let mut best = f64::INFINITY;
+    permutations(0, &mut (0..n).collect(), &mut |p| {
+        let c: f64 = (0..n)
+            .map(|i| (x[i][0] - y[p[i]][0]).powi(2) + (x[i][1] - y[p[i]][1]).powi(2))
+            .sum();
+        best = best.min(c / n as f64);
+    });
+    best
+}
+
+#[test]
+fn assignment_w2_equals_brute_force_on_small_sets() {
+    for seed in 0..20u64 {
+        let n = 2 + (seed as usize % 6); // 2..=7
+        let x = gaussian(n, [0.0, 0.0], 1.0, 100 + seed);
+        let y = gaussian(n, [0.5, -0.5], 1.5, 200 + seed);
+        let to_rows = |t: &Tensor| {
+            t.to_vec2::<f64>()
+                .unwrap()
+                .into_iter()
+                .map(|r| [r[0], r[1]])
+                .collect::<Vec<_>>()
+        };
+        let want = brute_force_w2_squared(&to_rows(&x), &to_rows(&y));
+        let got = w2_squared_exact(&x, &y).unwrap();
+        assert!(
+            (got - want).abs() < 1e-12 * want.max(1.0),
+            "n={n} seed={seed}: {got} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn identical_sets_are_at_distance_zero() {
+    let x = gaussian(300, [1.0, 2.0], 1.0, 4);
+    assert_eq!(w2_exact(&x, &permuted(&x, 1)).unwrap(), 0.0);
+    assert_eq!(
+        sliced_w2(&x, &permuted(&x, 2), 20, &mut StdRng::seed_from_u64(0)).unwrap(),
+        0.0
+    );
+    // With x = y, the cross mean includes the n zero-distance diagonal pairs while the
+    // within means exclude them: energy = −(2/n)·mean_{i≠j}‖x_i − x_j‖ exactly, and
+    // MMD² = (2/n)·(mean_{i≠j} k − 1).
+    let n = 300.0;
+    let rows = x.to_vec2::<f64>().unwrap();
+    let (mut dist, mut kern, mut pairs) = (0.0, 0.0, 0.0);
+    for i in 0..rows.len() {
+        for j in 0..rows.len() {
+            if i != j {
+                let d2 = (rows[i][0] - rows[j][0]).powi(2) + (rows[i][1] - rows[j][1]).powi(2);
+                dist += d2.sqrt();
+                kern += (-d2 / 2.0).exp();
+                pairs += 1.0;
+            }
+        }
+    }
+    let energy = energy_distance(&x, &x).unwrap();
+    assert!((energy + 2.0 / n * dist / pairs).abs() < 1e-12, "{energy}");
+    let mmd = mmd2_unbiased(&x, &x, Some(1.0)).unwrap();
+    assert!((mmd - 2.0 / n * (kern / pairs - 1.0)).abs() < 1e-12, "{mmd}");
+}
+
+#[test]
+fn every_distance_is_symmetric_and_permutation_invariant() {
+    let x = gaussian(200, [0.0, 0.0], 1.0, 5);
+    let y = gaussian(200, [1.0, 0.0], 0.7, 6);
+    let (xp, yp) = (permuted(&x, 3), permuted(&y, 4));
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
+    let w = w2_exact(&x, &y).unwrap();
+    assert!(close(w, w2_exact(&y, &x).unwrap()) && close(w, w2_exact(&xp, &yp).unwrap()));
+    let sliced = |a: &Tensor, b: &Tensor| sliced_w2(a, b, 30, &mut StdRng::seed_from_u64(9)).unwrap();
+    let s = sliced(&x, &y);
+    assert!(close(s, sliced(&y, &x)) && close(s, sliced(&xp, &yp)));
+    let m = mmd2_unbiased(&x, &y, None).unwrap();
+    assert!(
+        close(m, mmd2_unbiased(&y, &x, None).unwrap()) && close(m, mmd2_unbiased(&xp, &yp, None).unwrap())
+    );
+    let e = energy_distance(&x, &y).unwrap();
+    assert!(close(e, energy_distance(&y, &x).unwrap()) && close(e, energy_distance(&xp, &yp).unwrap()));
+}
+
+/// For two samples of one distribution the unbiased MMD² is centered at 0 with standard
+/// deviation O(1/n) (≈ 3e-3 here); a shift of one standard deviation gives ≈ 0.2.
+#[test]
+fn mmd_separates_different_distributions() {
+    let a = gaussian(500, [0.0, 0.0], 1.0, 7);
+    let b = gaussian(500, [0.0, 0.0], 1.0, 8);
+    let c = gaussian(500, [1.0, 0.0], 1.0, 9);
+    let same = mmd2_unbiased(&a, &b, None).unwrap();
+    let different = mmd2_unbiased(&a, &c, None).unwrap();
+    assert!(same.abs() < 0.01, "{same}");
+    assert!(different > 0.1, "{different}");
+    assert!(energy_distance(&a, &b).unwrap().abs() < 0.05);
+    assert!(energy_distance(&a, &c).unwrap() > 0.3);
+}
+
+#[test]
+fn bad_point_sets_are_errors() {
+    let x = gaussian(10, [0.0, 0.0], 1.0, 10);
+    let y = gaussian(12, [0.0, 0.0], 1.0, 11);
+    assert!(matches!(w2_exact(&x, &y), Err(Error::Shape(_))));
+    assert!(matches!(
+        sliced_w2(&x, &y, 5, &mut StdRng::seed_from_u64(0)),
+        Err(Error::Shape(_))
+    ));
+    assert!(mmd2_unbiased(&x, &y, None).is_ok()); // unequal sizes are fine here
+    let empty = Tensor::zeros((0, 2), DType::F64, &Device::Cpu).unwrap();
+    assert!(matches!(w2_exact(&empty, &empty), Err(Error::Shape(_))));
+    assert!(matches!(energy_distance(&empty, &x), Err(Error::Shape(_))));
+    let nan = Tensor::new(&[[f64::NAN, 0.0], [0.0, 0.0]], &Device::Cpu).unwrap();
+    assert!(matches!(mmd2_unbiased(&nan, &x, None), Err(Error::NonFinite(_))));
+    assert!(matches!(
+        w2_exact(&nan, &x.narrow(0, 0, 2).unwrap()),
+        Err(Error::NonFinite(_))
+    ));
+    let wrong_rank = Tensor::zeros(5, DType::F64, &Device::Cpu).unwrap();
+    assert!(matches!(w2_exact(&wrong_rank, &wrong_rank), Err(Error::Shape(_))));
+    let three_d = Tensor::zeros((10, 3), DType::F64, &Device::Cpu).unwrap();
+    assert!(matches!(energy_distance(&x, &three_d), Err(Error::Shape(_))));
+    assert!(matches!(
+        mmd2_unbiased(&x, &y, Some(-1.0)),
+        Err(Error::InvalidParameter(_))
+    ));
+    assert!(matches!(
+        sliced_w2(&x, &x, 0, &mut StdRng::seed_from_u64(0)),
+        Err(Error::InvalidParameter(_))
+    ));
+    let single = x.narrow(0, 0, 1).unwrap();
+    assert!(matches!(
+        mmd2_unbiased(&single, &x, None),
+        Err(Error::InvalidParameter(_))
+    ));
+}
