@@ -36,24 +36,41 @@ fn main() -> scoresde::Result<()> {
         let out = run(&mut rng)?;
         let seconds = start.elapsed().as_secs_f64();
         let mmd = mmd2_unbiased(&out.x, &reference, None)?;
-        println!("sampler={name} nfe={} mmd={mmd:.5} seconds={seconds:.3}", out.stats.nfe);
+        println!(
+            "sampler={name} nfe={} mmd={mmd:.5} seconds={seconds:.3}",
+            out.stats.nfe
+        );
         Ok::<(), scoresde::Error>(())
     };
     let x = &noise;
-    report("euler_maruyama", &mut |r| PredictorCorrector::euler_maruyama(1000).sample(&sde, &score, x, r))?;
+    report("euler_maruyama", &mut |r| {
+        PredictorCorrector::euler_maruyama(1000).sample(&sde, &score, x, r)
+    })?;
     report("reverse_diffusion+langevin", &mut |r| {
         PredictorCorrector::new(ReverseDiffusion, 500)
             .with_corrector(Langevin::new(0.16, 1)?)
             .sample(&sde, &score, x, r)
     })?;
-    report("ancestral", &mut |r| PredictorCorrector::new(Ancestral, 1000).sample(&sde, &score, x, r))?;
+    report("ancestral", &mut |r| {
+        PredictorCorrector::new(Ancestral, 1000).sample(&sde, &score, x, r)
+    })?;
     report("em_lambda_0.5", &mut |r| {
         PredictorCorrector::new(EulerMaruyama::with_lambda(0.5)?, 1000).sample(&sde, &score, x, r)
     })?;
-    report("ode_euler", &mut |r| OdeSampler::new(Euler::new(1000)).sample(&sde, &score, x, r))?;
-    report("ode_heun", &mut |r| OdeSampler::new(Heun::new(250)).sample(&sde, &score, x, r))?;
-    report("ode_rk45", &mut |r| OdeSampler::new(Rk45::new(1e-5, 1e-5)?).sample(&sde, &score, x, r))?;
-    let floor = mmd2_unbiased(&data.sample(SAMPLES, DType::F32, &Device::Cpu, &mut rng)?, &reference, None)?;
+    report("ode_euler", &mut |r| {
+        OdeSampler::new(Euler::new(1000)).sample(&sde, &score, x, r)
+    })?;
+    report("ode_heun", &mut |r| {
+        OdeSampler::new(Heun::new(250)).sample(&sde, &score, x, r)
+    })?;
+    report("ode_rk45", &mut |r| {
+        OdeSampler::new(Rk45::new(1e-5, 1e-5)?).sample(&sde, &score, x, r)
+    })?;
+    let floor = mmd2_unbiased(
+        &data.sample(SAMPLES, DType::F32, &Device::Cpu, &mut rng)?,
+        &reference,
+        None,
+    )?;
     println!("# reference: MMD² between two independent exact sample sets = {floor:.5}");
     Ok(())
 }

@@ -97,6 +97,7 @@
 
 pub mod autodiff;
 mod error;
+mod kernels;
 pub mod likelihood;
 pub mod metrics;
 pub mod random;
