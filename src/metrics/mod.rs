@@ -8,6 +8,10 @@
 //! | [`mmd2_unbiased`] | unbiased MMD² with a Gaussian kernel | `O(n²)` |
 //! | [`energy_distance`] | `2E‖X−Y‖ − E‖X−X'‖ − E‖Y−Y'‖` | `O(n²)` |
 //!
+//! [`GapReport`] puts them to work: ODE and SDE samples of one model from the same prior
+//! draws, their distance to each other and to the data, and the model's Fokker–Planck
+//! residual (Deveney et al. 2025).
+//!
 //! Point sets are tensors of shape `[N, d]` (any float dtype, any device; they are read
 //! into `f64` on the CPU). Every function checks its input: empty or non-finite sets,
 //! mismatched dimensions and, where required, unequal sizes are errors.
@@ -23,6 +27,9 @@
 //! ```
 
 mod assignment;
+mod gap;
+
+pub use gap::{Gap, GapReport};
 
 use candle_core::{DType, Tensor};
 use rand::Rng;
