@@ -247,9 +247,10 @@ mod gap {
             .measure_with_residual(&sde, &wrong, &fpe, 1e-2, &points, &mut rng)
             .unwrap();
         assert!(
-            bad.w2_ode_sde > 0.3 && bad.w2_ode_sde > 2.0 * good.w2_ode_sde,
+            bad.w2_ode_sde > 0.3 && bad.w2_ode_sde > 1.5 * good.w2_ode_sde,
             "{bad:?} vs {good:?}"
         );
+        assert!(bad.w2_ode_data > bad.w2_sde_data + 0.05, "{bad:?}");
         assert!(bad.fp_residual.unwrap() > 1e-3, "{bad:?}");
     }
 
