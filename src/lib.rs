@@ -84,7 +84,10 @@
 //! | module | concept |
 //! |---|---|
 //! | [`sde`] | forward SDEs: VP, sub-VP, VE, Ornstein–Uhlenbeck |
-//! | [`score`] | [`ScoreModel`], [`LogDensityModel`], exact Gaussian mixtures |
+//! | [`score`] | [`ScoreModel`], [`LogDensityModel`], reference MLPs, exact Gaussian mixtures |
+//! | [`data`] | toy 2-D datasets, your own samples ([`data::Empirical`]) |
+//! | [`loss`] | denoising score matching: weightings, time sampling, reductions |
+//! | [`train`] | [`train::Objective`] (what to minimize) and [`train::Trainer`] (AdamW, EMA, checkpoints) |
 //! | [`solver`] | Euler–Maruyama, predictor–corrector, Euler/Heun/RK45 probability-flow ODE |
 //! | [`autodiff`] | input derivatives: gradients, divergences, `∂/∂t`, the second-order guard |
 //! | [`likelihood`] | log-density and bits/dim through the probability-flow ODE |
@@ -96,15 +99,18 @@
 #![warn(missing_docs)]
 
 pub mod autodiff;
+pub mod data;
 mod error;
 mod kernels;
 pub mod likelihood;
+pub mod loss;
 pub mod metrics;
 pub mod random;
 pub mod regularizer;
 pub mod score;
 pub mod sde;
 pub mod solver;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use score::{GradientScore, LogDensityModel, ScoreModel};
@@ -117,13 +123,19 @@ pub use score::{GradientScore, LogDensityModel, ScoreModel};
 /// assert_eq!(sde.end_time(), 1.0);
 /// ```
 pub mod prelude {
-    pub use crate::score::{Covariance, GaussianMixture, GradientScore, LogDensityModel, ScoreModel};
+    pub use crate::data::{Checkerboard, Dataset, Empirical};
+    pub use crate::loss::{Dsm, Weighting};
+    pub use crate::score::{
+        Activation, Covariance, GaussianMixture, GradientScore, LogDensityModel, MlpConfig, MlpPotential,
+        MlpScore, PotentialConfig, ScoreModel,
+    };
     pub use crate::sde::{OuSde, Sde, SubVpSde, VeSde, VpSde};
     pub use crate::solver::{
         Ancestral, Euler, EulerMaruyama, Heun, Langevin, OdeSampler, OdeSolver, PredictorCorrector,
         ReverseDiffusion, Rk45, Sampler, TimeGrid,
     };
-    pub use crate::{Error, Result};
+    pub use crate::train::{Objective, TrainConfig, Trainer};
+    pub use crate::Error;
 }
 
 // The README's code is compiled and run as a doctest, so it cannot rot.

@@ -4,6 +4,8 @@
 //!   it for your own candle network in a few lines, or pass a closure.
 //! * [`LogDensityModel`] is for potential models `u(x, t) ≈ log p_t(x)`; wrap one in
 //!   [`GradientScore`] to get its score `∇ₓu` by candle autodiff.
+//! * [`MlpScore`] and [`MlpPotential`] are reference networks built through a
+//!   `candle_nn::VarBuilder` (so you own the parameters), ready to train.
 //! * [`GaussianMixture`] gives exact scores, log-densities and samples at every time under
 //!   every SDE: the ground truth the tests check against.
 
@@ -69,4 +71,6 @@ pub trait LogDensityModel {
 }
 
 mod mixture;
+mod mlp;
 pub use mixture::{Covariance, DiffusedMixture, GaussianMixture};
+pub use mlp::{Activation, FourierFeatures, MlpConfig, MlpPotential, MlpScore, PotentialConfig};

@@ -1,0 +1,456 @@
+//! Reference networks: a noise-conditional score MLP and a scalar potential MLP.
+//!
+//! Both are built through a [`VarBuilder`], so the parameters live in a `VarMap` you own
+//! (to train, save, load or copy). Parameters are initialized from a seeded `rand` RNG
+//! (`config.seed`), because candle's own RNG cannot be seeded: the same seed gives the same
+//! network. Variables that already exist in the builder (a loaded checkpoint, or a second
+//! model on the same `VarMap`) are used as they are.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{Init, Linear, VarBuilder};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+use super::{LogDensityModel, ScoreModel};
+use crate::error::ensure;
+use crate::sde::Sde;
+use crate::{Error, Result};
+
+/// The nonlinearity between hidden layers.
+///
+/// All have a backward pass in candle, including second order (the Fokker–Planck
+/// regularizers differentiate through them twice); prefer a smooth one (`Silu`, `Tanh`,
+/// `Softplus`, `Gelu`) when a regularizer takes input derivatives.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use scoresde::score::Activation;
+/// let x = Tensor::new(&[-1.0f64, 0.0, 2.0], &Device::Cpu)?;
+/// let y = Activation::Softplus { beta: 100.0 }.apply(&x)?.to_vec1::<f64>()?;
+/// assert!(y[0] < 1e-40 && (y[1] - 2f64.ln() / 100.0).abs() < 1e-15 && (y[2] - 2.0).abs() < 1e-15);
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum Activation {
+    /// `x·sigmoid(x)` (the score_sde and peer default).
+    Silu,
+    /// `tanh(x)`.
+    Tanh,
+    /// `softplus_β(x) = log(1 + exp(βx))/β`, a smooth ReLU; `β = 100` in Deveney et al.
+    Softplus {
+        /// Sharpness `β > 0`.
+        beta: f64,
+    },
+    /// `max(x, 0)`: not smooth, avoid it with regularizers.
+    Relu,
+    /// The exact (erf) GELU.
+    Gelu,
+}
+
+impl Activation {
+    /// Applies the nonlinearity elementwise.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match *self {
+            Self::Silu => x.silu()?,
+            Self::Tanh => x.tanh()?,
+            // relu(x) + log(1 + exp(−β|x|))/β: no overflow for large βx.
+            Self::Softplus { beta } => {
+                let tail = ((x.abs()? * -beta)?.exp()? + 1.0)?.log()?;
+                (x.relu()? + (tail / beta)?)?
+            }
+            Self::Relu => x.relu()?,
+            Self::Gelu => x.gelu_erf()?,
+        })
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Self::Softplus { beta } = *self {
+            ensure(beta.is_finite() && beta > 0.0, || {
+                format!("softplus beta must be finite and > 0, got {beta}")
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// A parameter from the builder; if the builder does not have it yet, it is created and
+/// filled with `values` (drawn by the caller from a seeded RNG).
+fn seeded_parameter(vb: &VarBuilder, shape: &[usize], name: &str, values: Vec<f64>) -> Result<Tensor> {
+    let fresh = !vb.contains_tensor(name);
+    let tensor = vb.get_with_hints(shape, name, Init::Const(0.0))?;
+    if fresh {
+        // The variable was just created with zeros: write the seeded values into its storage.
+        let src = Tensor::from_vec(values, shape, vb.device())?.to_dtype(vb.dtype())?;
+        tensor.slice_set(&src, 0, 0)?;
+    }
+    Ok(tensor)
+}
+
+/// A linear layer `y = xWᵀ + b` initialized as PyTorch's `nn.Linear`:
+/// `W, b ~ U(−1/√fan_in, 1/√fan_in)`.
+fn seeded_linear(vb: VarBuilder, fan_in: usize, fan_out: usize, rng: &mut StdRng) -> Result<Linear> {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
+    let weight_values = draw(fan_in * fan_out);
+    let bias_values = draw(fan_out);
+    let weight = seeded_parameter(&vb, &[fan_out, fan_in], "weight", weight_values)?;
+    let bias = seeded_parameter(&vb, &[fan_out], "bias", bias_values)?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+/// `depth` hidden layers of `width` with an activation, then a linear output layer.
+#[derive(Debug, Clone)]
+struct Perceptron {
+    hidden: Vec<Linear>,
+    output: Linear,
+    activation: Activation,
+}
+
+impl Perceptron {
+    fn new(
+        vb: &VarBuilder,
+        input: usize,
+        width: usize,
+        depth: usize,
+        output: usize,
+        activation: Activation,
+        rng: &mut StdRng,
+    ) -> Result<Self> {
+        let mut hidden = Vec::with_capacity(depth);
+        let mut fan_in = input;
+        for i in 0..depth {
+            hidden.push(seeded_linear(vb.pp(format!("hidden.{i}")), fan_in, width, rng)?);
+            fan_in = width;
+        }
+        let output = seeded_linear(vb.pp("output"), fan_in, output, rng)?;
+        Ok(Self {
+            hidden,
+            output,
+            activation,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for layer in &self.hidden {
+            h = self.activation.apply(&layer.forward(&h)?)?;
+        }
+        Ok(self.output.forward(&h)?)
+    }
+}
+
+/// Gaussian random Fourier features of time (Tancik et al.; score_sde's
+/// `GaussianFourierProjection`): `[sin(2π t w), cos(2π t w)]` with fixed frequencies
+/// `w ~ N(0, scale²)`.
+///
+/// The frequencies are a variable named `frequencies` under the builder's prefix (so they
+/// are saved and loaded with the weights), drawn from a seeded RNG, and detached in the
+/// forward pass: they receive no gradient and an optimizer leaves them alone.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use scoresde::score::FourierFeatures;
+/// let vars = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+/// let embed = FourierFeatures::new(vb.pp("time"), 32, 16.0, 0)?;
+/// let e = embed.forward(&Tensor::new(&[0.0f32, 0.5], &Device::Cpu)?)?;
+/// assert_eq!(e.dims(), [2, 32]);
+/// assert_eq!(e.get(0)?.to_vec1::<f32>()?[16..], [1.0; 16]); // cos(0) = 1
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct FourierFeatures {
+    frequencies: Tensor,
+    dtype: DType,
+}
+
+impl FourierFeatures {
+    /// `features` outputs (even, ≥ 2): `features/2` frequencies of standard deviation
+    /// `scale`, drawn with `seed` unless the builder already has them.
+    pub fn new(vb: VarBuilder, features: usize, scale: f64, seed: u64) -> Result<Self> {
+        ensure(features >= 2 && features % 2 == 0, || {
+            format!("the number of Fourier features must be even and >= 2, got {features}")
+        })?;
+        ensure(scale.is_finite() && scale > 0.0, || {
+            format!("the Fourier scale must be finite and > 0, got {scale}")
+        })?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let values = (0..features / 2)
+            .map(|_| scale * Distribution::<f64>::sample(&StandardNormal, &mut rng))
+            .collect();
+        let frequencies = seeded_parameter(&vb, &[features / 2], "frequencies", values)?;
+        Ok(Self {
+            // Shares the variable's storage, so later loads are seen; no gradient flows.
+            frequencies: frequencies.detach(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The features of times `t` (shape `[B]`): shape `[B, features]`.
+    pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
+        let t = t.to_dtype(self.dtype)?;
+        let phase =
+            (t.unsqueeze(1)?.broadcast_mul(&self.frequencies.unsqueeze(0)?)? * (2.0 * std::f64::consts::PI))?;
+        Ok(Tensor::cat(&[phase.sin()?, phase.cos()?], D::Minus1)?)
+    }
+}
+
+/// Configuration of [`MlpScore`]. The default is the peers' benchmark network
+/// (`torch_ref.py` / `jax_ref.py`): 2-D data, 32 Fourier time features of scale 16,
+/// 3 hidden layers of 128 with SiLU.
+///
+/// ```
+/// let config = scoresde::score::MlpConfig { width: 256, ..Default::default() };
+/// assert_eq!((config.dim, config.depth, config.fourier_features), (2, 3, 32));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MlpConfig {
+    /// Data dimension `d` (input and output size).
+    pub dim: usize,
+    /// Hidden width.
+    pub width: usize,
+    /// Number of hidden layers.
+    pub depth: usize,
+    /// Nonlinearity.
+    pub activation: Activation,
+    /// Number of Fourier time features (even).
+    pub fourier_features: usize,
+    /// Standard deviation of the Fourier frequencies.
+    pub fourier_scale: f64,
+    /// Seed of the initial weights and of the Fourier frequencies.
+    pub seed: u64,
+}
+
+impl Default for MlpConfig {
+    fn default() -> Self {
+        Self {
+            dim: 2,
+            width: 128,
+            depth: 3,
+            activation: Activation::Silu,
+            fourier_features: 32,
+            fourier_scale: 16.0,
+            seed: 0,
+        }
+    }
+}
+
+/// The usual noise-conditional score network: `s(x, t) = MLP([x, emb(t)]) / σ(t)`.
+///
+/// `emb` are [`FourierFeatures`] of `t`, and dividing by the SDE's `σ(t)` (as score_sde
+/// does) lets the network output the scaled noise `−z` rather than a score that grows as
+/// `1/σ`. `σ(t)` comes from [`Sde::std_tensor`], so the score stays differentiable in `t`.
+/// Input `x` has shape `[B, d]`, `t` shape `[B]`.
+///
+/// Variables (under the builder's prefix): `time.frequencies` (fixed),
+/// `hidden.{i}.weight|bias`, `output.weight|bias`.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use scoresde::score::{MlpConfig, MlpScore};
+/// use scoresde::{sde::VpSde, ScoreModel};
+///
+/// let vars = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+/// let model = MlpScore::new(vb, VpSde::default(), MlpConfig::default())?;
+/// let x = Tensor::zeros((4, 2), DType::F32, &Device::Cpu)?;
+/// let t = Tensor::full(0.5f32, 4, &Device::Cpu)?;
+/// assert_eq!(model.score(&x, &t)?.dims(), [4, 2]);
+/// assert_eq!(vars.all_vars().len(), 9); // frequencies + 4 weights + 4 biases
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct MlpScore<S> {
+    sde: S,
+    config: MlpConfig,
+    time: FourierFeatures,
+    net: Perceptron,
+}
+
+impl<S: Sde> MlpScore<S> {
+    /// Builds the network in `vb` (creating missing variables from `config.seed`).
+    ///
+    /// Errors on a zero dimension, width or feature count, an odd feature count, or an
+    /// invalid activation parameter.
+    pub fn new(vb: VarBuilder, sde: S, config: MlpConfig) -> Result<Self> {
+        ensure(config.dim > 0 && config.width > 0, || {
+            format!(
+                "dim and width must be > 0, got {} and {}",
+                config.dim, config.width
+            )
+        })?;
+        config.activation.validate()?;
+        let time = FourierFeatures::new(
+            vb.pp("time"),
+            config.fourier_features,
+            config.fourier_scale,
+            config.seed,
+        )?;
+        // A stream of its own for the weights, so changing the feature count keeps them.
+        let mut rng = StdRng::seed_from_u64(config.seed.wrapping_add(1));
+        let net = Perceptron::new(
+            &vb,
+            config.dim + config.fourier_features,
+            config.width,
+            config.depth,
+            config.dim,
+            config.activation,
+            &mut rng,
+        )?;
+        Ok(Self {
+            sde,
+            config,
+            time,
+            net,
+        })
+    }
+
+    /// The SDE whose `σ(t)` scales the output.
+    pub fn sde(&self) -> &S {
+        &self.sde
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &MlpConfig {
+        &self.config
+    }
+}
+
+/// Checks `x: [B, d]` and `t: [B]`.
+fn check_input(x: &Tensor, t: &Tensor, dim: usize, what: &str) -> Result<usize> {
+    let (b, d) = x.dims2().map_err(|_| {
+        Error::Shape(format!(
+            "{what} expects x of shape [B, {dim}], got {:?}",
+            x.dims()
+        ))
+    })?;
+    if d != dim {
+        return Err(Error::Shape(format!(
+            "{what} was built for dimension {dim}, x has shape {:?}",
+            x.dims()
+        )));
+    }
+    if t.dims() != [b] {
+        return Err(Error::Shape(format!(
+            "{what} expects t of shape [{b}], got {:?}",
+            t.dims()
+        )));
+    }
+    Ok(b)
+}
+
+impl<S: Sde> ScoreModel for MlpScore<S> {
+    fn score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        check_input(x, t, self.config.dim, "MlpScore")?;
+        let dtype = self.time.dtype;
+        let (x, t) = (x.to_dtype(dtype)?, t.to_dtype(dtype)?);
+        let input = Tensor::cat(&[&x, &self.time.forward(&t)?], 1)?;
+        let out = self.net.forward(&input)?;
+        let sigma = self.sde.std_tensor(&t)?.unsqueeze(1)?;
+        Ok(out.broadcast_div(&sigma)?)
+    }
+}
+
+/// Configuration of [`MlpPotential`]. The default is the network of Deveney et al. (2025):
+/// 2-D data, 3 hidden layers of 80, Softplus with `β = 100`.
+///
+/// ```
+/// let c = scoresde::score::PotentialConfig::default();
+/// assert_eq!((c.width, c.depth), (80, 3));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PotentialConfig {
+    /// Data dimension `d`.
+    pub dim: usize,
+    /// Hidden width.
+    pub width: usize,
+    /// Number of hidden layers.
+    pub depth: usize,
+    /// Nonlinearity (smooth: the score is its gradient, and regularizers differentiate it).
+    pub activation: Activation,
+    /// Seed of the initial weights.
+    pub seed: u64,
+}
+
+impl Default for PotentialConfig {
+    fn default() -> Self {
+        Self {
+            dim: 2,
+            width: 80,
+            depth: 3,
+            activation: Activation::Softplus { beta: 100.0 },
+            seed: 0,
+        }
+    }
+}
+
+/// A scalar log-density network `u(x, t) = MLP([t, x]) ≈ log p_t(x)` (up to a constant),
+/// as in Deveney et al. (2025). Its score `∇ₓu` comes from
+/// [`GradientScore`](crate::score::GradientScore).
+///
+/// Variables (under the builder's prefix): `hidden.{i}.weight|bias`, `output.weight|bias`.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use scoresde::score::{LogDensityModel, MlpPotential, PotentialConfig};
+///
+/// let vars = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&vars, DType::F64, &Device::Cpu);
+/// let u = MlpPotential::new(vb, PotentialConfig::default())?;
+/// let x = Tensor::zeros((3, 2), DType::F64, &Device::Cpu)?;
+/// let t = Tensor::ones(3, DType::F64, &Device::Cpu)?;
+/// assert_eq!(u.log_density(&x, &t)?.dims(), [3]);
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct MlpPotential {
+    config: PotentialConfig,
+    dtype: DType,
+    net: Perceptron,
+}
+
+impl MlpPotential {
+    /// Builds the network in `vb` (creating missing variables from `config.seed`).
+    pub fn new(vb: VarBuilder, config: PotentialConfig) -> Result<Self> {
+        ensure(config.dim > 0 && config.width > 0, || {
+            format!(
+                "dim and width must be > 0, got {} and {}",
+                config.dim, config.width
+            )
+        })?;
+        config.activation.validate()?;
+        let mut rng = StdRng::seed_from_u64(config.seed);
+        let net = Perceptron::new(
+            &vb,
+            config.dim + 1,
+            config.width,
+            config.depth,
+            1,
+            config.activation,
+            &mut rng,
+        )?;
+        Ok(Self {
+            config,
+            dtype: vb.dtype(),
+            net,
+        })
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &PotentialConfig {
+        &self.config
+    }
+}
+
+impl LogDensityModel for MlpPotential {
+    fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        check_input(x, t, self.config.dim, "MlpPotential")?;
+        let (x, t) = (x.to_dtype(self.dtype)?, t.to_dtype(self.dtype)?);
+        let input = Tensor::cat(&[&t.unsqueeze(1)?, &x], 1)?;
+        Ok(self.net.forward(&input)?.squeeze(1)?)
+    }
+}
