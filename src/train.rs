@@ -522,8 +522,12 @@ impl Trainer {
         for p in &self.params {
             match grads.get(p.var.as_tensor()) {
                 Some(g) => {
+                    // With second-order gradients on (CANDLE_GRAD_DO_NOT_DETACH), a gradient
+                    // carries its backward graph; the optimizer's moments must not keep it
+                    // alive from step to step.
+                    let g = g.detach();
                     norm_sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-                    gradients.push(Some(g.clone()));
+                    gradients.push(Some(g));
                 }
                 None => {
                     untrained.push(p.name.clone());

@@ -46,6 +46,11 @@ pub struct OdeSolution {
 }
 
 /// A method for integrating an [`OdeSystem`] from `t0` to `t1` (either direction).
+///
+/// Solutions are detached from candle's graph after every step: a vector field built from
+/// trainable weights would otherwise keep every step's graph alive (gigabytes over a
+/// solve), and a gradient through hundreds of solver steps is rarely what you want. The
+/// same holds for the reverse-SDE samplers.
 pub trait OdeSolver {
     /// Integrates `system` from `y(t0) = y0` to `t1`.
     fn solve<F: OdeSystem + ?Sized>(&self, system: &F, y0: &Tensor, t0: f64, t1: f64) -> Result<OdeSolution>;
@@ -191,9 +196,10 @@ where
     ensure_finite(y0, || "the initial state contains NaN or infinity".into())?;
     let grid = schedule.resolve(t0, t1)?;
     let mut counter = Counter { system, nfe: 0 };
-    let mut y = y0.clone();
+    let mut y = y0.detach();
     for w in grid.times().windows(2) {
-        y = step(&mut counter, w[0], w[1] - w[0], &y)?;
+        // Detached: see `OdeSolver` on why solutions are not differentiable.
+        y = step(&mut counter, w[0], w[1] - w[0], &y)?.detach();
         ensure_finite(&y, || format!("the ODE solution blew up at t = {}", w[1]))?;
     }
     Ok(OdeSolution {
@@ -383,8 +389,8 @@ impl OdeSolver for Rk45 {
         let mut stats = SolverStats::default();
 
         let mut t = t0;
-        let mut y = y0.clone();
-        let mut k0 = f.eval(t, &y)?;
+        let mut y = y0.detach();
+        let mut k0 = f.eval(t, &y)?.detach();
         ensure_finite(&k0, || format!("the vector field is not finite at t = {t0}"))?;
         let mut h = match self.first_step {
             Some(h) => h.min(span),
@@ -443,8 +449,9 @@ impl OdeSolver for Rk45 {
             };
             ensure_finite(&y_new, || format!("the ODE solution blew up at t = {h_done}"))?;
             t = h_done;
-            y = y_new;
-            k0 = k_last;
+            // Detached: see `OdeSolver` on why solutions are not differentiable.
+            y = y_new.detach();
+            k0 = k_last.detach();
         }
         stats.nfe = f.nfe;
         Ok(OdeSolution { y, stats })

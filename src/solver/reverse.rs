@@ -344,12 +344,14 @@ impl<S: Sde, P: Predictor<S>, C: Corrector> Sampler<S> for PredictorCorrector<P,
         })?;
         let model = Counted::new(model);
         let times = grid.times();
-        let mut x = x_end.clone();
+        let mut x = x_end.detach();
         for (i, w) in times.windows(2).enumerate() {
             let (t, dt) = (w[0], w[0] - w[1]);
-            x = self.corrector.correct(sde, &model, &x, t, dt, rng)?;
+            x = self.corrector.correct(sde, &model, &x, t, dt, rng)?.detach();
             let last = i + 2 == times.len();
-            x = self.predictor.step(sde, &model, &x, t, dt, !last, rng)?;
+            // Detached, so that a model with trainable weights does not keep every step's
+            // graph alive (samples are not differentiable in the weights).
+            x = self.predictor.step(sde, &model, &x, t, dt, !last, rng)?.detach();
             ensure_finite(&x, || {
                 format!("the sampler's state blew up at t = {t} (step {i})")
             })?;
