@@ -57,6 +57,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::sde::per_sample;
 use crate::{Error, Result, ScoreModel};
 
 /// Default backward step `hs` of the three-point time stencil in [`time_derivative_fd`]
@@ -460,7 +461,9 @@ pub fn time_derivative_autodiff<M: ScoreModel + ?Sized>(model: &M, x: &Tensor, t
 ///
 /// Second-order accurate: the error is `hs·hd/6 · ∂ₜ³s` plus rounding of order
 /// `ε·|s| / min(hs, hd)`. Use [`DEFAULT_FD_HS`] and [`DEFAULT_FD_HD`] unless you have a
-/// reason not to; `t − hs` and `t + hd` must stay where the model is defined. Three score
+/// reason not to. Where `0 < t < 2·hs` the backward step becomes `t/2` (per sample), so the
+/// stencil never evaluates the model before time 0; `t + hd` must stay where the model is
+/// defined. Three score
 /// evaluations and no backward pass, so no guard here (the model's own derivatives, e.g.
 /// [`GradientScore`](crate::GradientScore), check for themselves); the result stays in the
 /// graph of the three evaluations.
@@ -492,16 +495,40 @@ pub fn time_derivative_fd<M: ScoreModel + ?Sized>(
     })?;
     check_x_t("time_derivative_fd", x, t)?;
     check_float("time_derivative_fd", "t", t)?;
+    // Near t = 0 the backward step shrinks to t/2, so that no evaluation falls before time
+    // 0 (where VP's σ(t) is not defined); the stencil stays exact for quadratics.
+    let times = t.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let backward_steps: Vec<f64> = times
+        .iter()
+        .map(|&ti| if ti > 0.0 && ti < 2.0 * hs { ti / 2.0 } else { hs })
+        .collect();
     let s_forward = model.score(x, &(t + hd)?)?;
     let s_center = model.score(x, t)?;
-    let s_backward = model.score(x, &(t - hs)?)?;
+    if backward_steps.iter().all(|&h| h == hs) {
+        let s_backward = model.score(x, &(t - hs)?)?;
+        for s in [&s_forward, &s_center, &s_backward] {
+            check_score_shape("time_derivative_fd", s, x)?;
+        }
+        let denom = hs * hd * (hd + hs);
+        let forward = (s_forward * (hs * hs / denom))?;
+        let center = (s_center * ((hd * hd - hs * hs) / denom))?;
+        let backward = (s_backward * (hd * hd / denom))?;
+        return Ok(((forward + center)? - backward)?);
+    }
+    let per_point = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
+        let c: Vec<f64> = backward_steps.iter().map(|&h| f(h)).collect();
+        Ok(Tensor::from_vec(c, times.len(), t.device())?)
+    };
+    let coefficients = |f: &dyn Fn(f64) -> f64| per_sample(&per_point(f)?, x);
+    let t_backward = (t - per_point(&|h| h)?.to_dtype(t.dtype())?)?;
+    let s_backward = model.score(x, &t_backward)?;
     for s in [&s_forward, &s_center, &s_backward] {
         check_score_shape("time_derivative_fd", s, x)?;
     }
-    let denom = hs * hd * (hd + hs);
-    let forward = (s_forward * (hs * hs / denom))?;
-    let center = (s_center * ((hd * hd - hs * hs) / denom))?;
-    let backward = (s_backward * (hd * hd / denom))?;
+    let denom = |h: f64| h * hd * (hd + h);
+    let forward = s_forward.broadcast_mul(&coefficients(&|h| h * h / denom(h))?)?;
+    let center = s_center.broadcast_mul(&coefficients(&|h| (hd * hd - h * h) / denom(h))?)?;
+    let backward = s_backward.broadcast_mul(&coefficients(&|h| hd * hd / denom(h))?)?;
     Ok(((forward + center)? - backward)?)
 }
 

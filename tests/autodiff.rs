@@ -541,6 +541,37 @@ fn fd_stencil_error_is_second_order() -> Result<()> {
 }
 
 #[test]
+fn fd_stencil_never_looks_before_time_zero() -> Result<()> {
+    // A model that is undefined for t < 0 (as VP's σ(t) is): NaN there, t²·x elsewhere.
+    let model = |x: &Tensor, t: &Tensor| -> Result<Tensor> {
+        let times = t.to_vec1::<f64>()?;
+        let rows: Vec<f64> = times
+            .iter()
+            .map(|&ti| if ti < 0.0 { f64::NAN } else { ti * ti })
+            .collect();
+        Ok(x.broadcast_mul(&Tensor::new(rows, &dev())?.unsqueeze(1)?)?)
+    };
+    let x = Tensor::new(&[[1.0f64, -2.0], [0.5, 3.0], [2.0, 1.0]], &dev())?;
+    // Below, at and above 2·hs: the backward step shrinks to t/2 only for the first two.
+    let t = Tensor::new(&[1e-5f64, 1.5e-3, 0.3], &dev())?;
+    let ds = time_derivative_fd(&model, &x, &t, DEFAULT_FD_HS, DEFAULT_FD_HD)?.to_vec2::<f64>()?;
+    let (xs, ts) = (x.to_vec2::<f64>()?, t.to_vec1::<f64>()?);
+    for i in 0..3 {
+        for j in 0..2 {
+            // The stencil is exact for quadratics in t, whatever its steps: only rounding,
+            // ≈ ε·|s|/h ≤ 1e-16·9/5e-6 ≈ 2e-10, remains.
+            let exact = 2.0 * ts[i] * xs[i][j];
+            assert!(
+                (ds[i][j] - exact).abs() < 1e-9,
+                "[{i}][{j}]: {} vs {exact}",
+                ds[i][j]
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn time_derivatives_reject_bad_input() -> Result<()> {
     let x = x_batch();
     let short_t = Tensor::new(&[0.1f64, 0.2], &dev())?;
