@@ -4,7 +4,9 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{linear, Linear, VarBuilder, VarMap};
 use rand::{rngs::StdRng, SeedableRng};
 use scoresde::autodiff::{Divergence, Probe};
-use scoresde::regularizer::{Boundary, Collocation, LogDensityFp, Regularizer, ScoreFpe, TimeDerivative};
+use scoresde::regularizer::{
+    Boundary, Collocation, LogDensityFp, Regularizer, ScoreFpe, TimeDerivative, TimeWindow,
+};
 use scoresde::score::{Covariance, GaussianMixture};
 use scoresde::sde::{OuSde, Sde, SubVpSde, VeSde, VpSde};
 use scoresde::{Error, LogDensityModel, Result, ScoreModel};
@@ -364,4 +366,59 @@ fn bad_inputs_are_errors() {
         Err(Error::InvalidParameter(_))
     ));
     let _ = Var::from_tensor(&t);
+}
+
+#[test]
+fn a_time_window_penalizes_only_its_points() -> Result<()> {
+    // A score that is not a diffusion's (so the residual is nonzero everywhere), and the
+    // deterministic residual (exact divergence, autodiff in t).
+    let model = |x: &Tensor, t: &Tensor| Ok(x.broadcast_mul(&(t.unsqueeze(1)? - 2.0)?)?);
+    let fpe = ScoreFpe::new()
+        .with_divergence(Divergence::Exact)?
+        .with_time_derivative(TimeDerivative::Autodiff);
+    let sde = VpSde::default();
+    let mut rng = StdRng::seed_from_u64(3);
+    let x = Tensor::new(
+        &[[1.0f64, 0.5], [0.2, -1.0], [-0.7, 0.3], [1.5, 1.0]],
+        &Device::Cpu,
+    )?;
+    let t = Tensor::new(&[0.01f64, 0.4, 0.9, 0.05], &Device::Cpu)?;
+    let window = TimeWindow::new(fpe.clone(), 0.1, 1.0)?;
+    let got = window
+        .penalty(&sde, &model, &x, &t, &mut rng)?
+        .to_scalar::<f64>()?;
+    // Points 1 and 2 are inside: half the batch.
+    let rows = Tensor::new(&[1u32, 2], &Device::Cpu)?;
+    let inner = fpe
+        .penalty(
+            &sde,
+            &model,
+            &x.index_select(&rows, 0)?,
+            &t.index_select(&rows, 0)?,
+            &mut rng,
+        )?
+        .to_scalar::<f64>()?;
+    assert!(inner > 0.0);
+    assert!(
+        (got - 0.5 * inner).abs() <= 1e-12 * inner,
+        "{got} vs {}",
+        0.5 * inner
+    );
+    // A window holding every point is the inner penalty itself.
+    let all = TimeWindow::new(fpe.clone(), 0.0, 1.0)?.penalty(&sde, &model, &x, &t, &mut rng)?;
+    let direct = fpe.penalty(&sde, &model, &x, &t, &mut rng)?;
+    assert_eq!(all.to_scalar::<f64>()?, direct.to_scalar::<f64>()?);
+    // Bad windows and mismatched times are errors.
+    for (a, b) in [(-0.1, 1.0), (0.5, 0.5), (0.0, f64::NAN)] {
+        assert!(matches!(
+            TimeWindow::new(fpe.clone(), a, b),
+            Err(Error::InvalidParameter(_))
+        ));
+    }
+    let short_t = Tensor::new(&[0.5f64], &Device::Cpu)?;
+    assert!(matches!(
+        window.penalty(&sde, &model, &x, &short_t, &mut rng),
+        Err(Error::Shape(_))
+    ));
+    Ok(())
 }
