@@ -15,9 +15,10 @@
 //!
 //! Run: `cargo run --release --example custom_network` (about half a minute on 2 cores).
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder, VarMap};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, SeedableRng};
 use scoresde::data::TwoMoons;
 use scoresde::metrics::mmd2_unbiased;
@@ -117,17 +118,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..Default::default()
         },
     )?;
-    let bar = ProgressBar::new(TRAIN_STEPS as u64).with_style(ProgressStyle::with_template(
-        "{elapsed_precise} [{bar:40}] {pos}/{len} steps {msg}",
-    )?);
     let objective = Objective::new(&sde, &model);
-    let report = trainer.fit(&objective, &data, TRAIN_STEPS, |step| {
-        bar.inc(1);
-        if step.step % 100 == 0 {
-            bar.set_message(format!("loss {:.3}", step.loss));
-        }
-    })?;
-    bar.finish_and_clear();
+    let report = common::fit_with_progress("train", &mut trainer, &objective, &data, TRAIN_STEPS)?;
     let tail = &report.dsm[report.dsm.len() - 100..];
     let dsm_loss = tail.iter().sum::<f64>() / tail.len() as f64;
 

@@ -23,56 +23,23 @@
 //!
 //! Run: `cargo run --release --example fpe_regularization` (a few minutes on 2 cores).
 
+mod common;
+
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, SeedableRng};
 use scoresde::autodiff::Divergence;
 use scoresde::metrics::GapReport;
 use scoresde::prelude::*;
 use scoresde::regularizer::{ScoreFpe, TimeWindow};
 
-struct Options {
-    pretrain: usize,
-    steps: usize,
-    t_min: f64,
-    lambda: f64,
-    points: usize,
-}
-
-fn options() -> Result<Options, Box<dyn std::error::Error>> {
-    let mut o = Options {
-        pretrain: 4000,
-        steps: 2000,
-        t_min: 0.05,
-        lambda: 1e-3,
-        points: 1000,
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    for pair in args.chunks(2) {
-        let value = pair.get(1).ok_or("every option needs a value")?;
-        match pair[0].as_str() {
-            "--pretrain" => o.pretrain = value.parse()?,
-            "--steps" => o.steps = value.parse()?,
-            "--t-min" => o.t_min = value.parse()?,
-            "--lambda" => o.lambda = value.parse()?,
-            "--points" => o.points = value.parse()?,
-            other => return Err(format!("unknown option {other}").into()),
-        }
-    }
-    Ok(o)
-}
-
-fn progress(name: &str, steps: usize) -> Result<ProgressBar, Box<dyn std::error::Error>> {
-    let bar = ProgressBar::new(steps as u64).with_style(ProgressStyle::with_template(
-        "{prefix:9} {elapsed_precise} [{bar:40}] {pos}/{len} steps, {per_sec} {msg}",
-    )?);
-    bar.set_prefix(name.to_string());
-    Ok(bar)
-}
-
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let opts = options()?;
+fn main() -> common::BoxResult<()> {
+    let opts = common::Options::parse(&["pretrain", "steps", "lambda", "t-min", "points"])?;
+    let pretrain: usize = opts.get("pretrain", 4000)?;
+    let steps: usize = opts.get("steps", 2000)?;
+    let lambda_fpe: f64 = opts.get("lambda", 1e-3)?;
+    let t_min: f64 = opts.get("t-min", 0.05)?;
+    let points: usize = opts.get("points", 1000)?;
     let device = Device::Cpu;
     let sde = VpSde::default();
     let data = Checkerboard::default();
@@ -92,19 +59,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let vars = VarMap::new();
         let model = MlpScore::new(VarBuilder::from_varmap(&vars, DType::F32, &device), sde, config)?;
         let mut trainer = Trainer::new(&vars, train)?;
-        let bar = progress("pretrain", opts.pretrain)?;
-        trainer.fit(&Objective::new(&sde, &model), &data, opts.pretrain, |step| {
-            bar.inc(1);
-            if step.step % 50 == 0 {
-                bar.set_message(format!("dsm {:.3}", step.dsm));
-            }
-        })?;
-        bar.finish_and_clear();
+        common::fit_with_progress(
+            "pretrain",
+            &mut trainer,
+            &Objective::new(&sde, &model),
+            &data,
+            pretrain,
+        )?;
         trainer.save_checkpoint(&checkpoint)?;
     }
 
     let mut rng = StdRng::seed_from_u64(7);
-    let held_out = data.sample(opts.points, &mut rng)?.to_dtype(DType::F32)?;
+    let held_out = data.sample(points, &mut rng)?.to_dtype(DType::F32)?;
     // The measure of the violation: the exact-divergence FPE residual.
     let residual = ScoreFpe::new().with_divergence(Divergence::Exact)?;
     let report = GapReport::new(
@@ -112,24 +78,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         PredictorCorrector::euler_maruyama(1000),
     );
 
-    for (name, lambda) in [("dsm", 0.0), ("dsm+fpe", opts.lambda)] {
+    for (name, lambda) in [("dsm", 0.0), ("dsm+fpe", lambda_fpe)] {
         let vars = VarMap::new();
         let model = MlpScore::new(VarBuilder::from_varmap(&vars, DType::F32, &device), sde, config)?;
         let mut trainer = Trainer::new(&vars, train)?;
         trainer.load_checkpoint(&checkpoint)?;
         let mut objective = Objective::new(&sde, &model);
         if lambda > 0.0 {
-            objective = objective.with_penalty(lambda, TimeWindow::new(ScoreFpe::new(), opts.t_min, 1.0)?)?;
+            objective = objective.with_penalty(lambda, TimeWindow::new(ScoreFpe::new(), t_min, 1.0)?)?;
         }
-        let bar = progress(name, opts.steps)?;
-        trainer.fit(&objective, &data, opts.steps, |step| {
-            bar.inc(1);
-            if step.step % 50 == 0 {
-                let penalty = step.penalties.first().copied().unwrap_or(0.0);
-                bar.set_message(format!("dsm {:.3} fpe {penalty:.3}", step.dsm));
-            }
-        })?;
-        bar.finish_and_clear();
+        common::fit_with_progress(name, &mut trainer, &objective, &data, steps)?;
 
         let ema_model = MlpScore::new(
             VarBuilder::from_varmap(trainer.ema(), DType::F32, &device),
@@ -141,14 +99,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .evaluate(&held_out, &mut eval_rng)?
             .dsm
             .to_scalar::<f32>()?;
-        let gap = report.measure_with_residual(
-            &sde,
-            &ema_model,
-            &residual,
-            opts.t_min,
-            &held_out,
-            &mut eval_rng,
-        )?;
+        let gap =
+            report.measure_with_residual(&sde, &ema_model, &residual, t_min, &held_out, &mut eval_rng)?;
         println!(
             "model={name} fpe_residual={:.4} ode_sde_w2={:.4} dsm_loss={dsm:.4} w2_ode_data={:.4} w2_sde_data={:.4} lambda={lambda}",
             gap.fp_residual.unwrap_or(f64::NAN),

@@ -21,9 +21,10 @@
 //!
 //! Run: `cargo run --release --example likelihood` (about a minute on 2 cores).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, SeedableRng};
 use scoresde::autodiff::{Divergence, Probe};
 use scoresde::data::EightGaussians;
@@ -31,47 +32,21 @@ use scoresde::likelihood::Likelihood;
 use scoresde::prelude::*;
 use scoresde::train::{load_weights, Weights};
 
-struct Options {
-    steps: usize,
-    points: usize,
-    save: Option<String>,
-    load: Option<String>,
-}
-
-fn options() -> Result<Options, Box<dyn std::error::Error>> {
-    let mut o = Options {
-        steps: 10_000,
-        points: 1000,
-        save: None,
-        load: None,
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    for pair in args.chunks(2) {
-        let value = pair.get(1).ok_or("every option needs a value")?;
-        match pair[0].as_str() {
-            "--steps" => o.steps = value.parse()?,
-            "--points" => o.points = value.parse()?,
-            "--save" => o.save = Some(value.clone()),
-            "--load" => o.load = Some(value.clone()),
-            other => return Err(format!("unknown option {other}").into()),
-        }
-    }
-    Ok(o)
-}
-
 fn mean(t: &Tensor) -> Result<f64, scoresde::Error> {
     Ok(t.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let opts = options()?;
+fn main() -> common::BoxResult<()> {
+    let opts = common::Options::parse(&["steps", "points", "save", "load"])?;
+    let steps: usize = opts.get("steps", 10_000)?;
+    let points: usize = opts.get("points", 1000)?;
     let device = Device::Cpu;
     let sde = VpSde::default();
     let truth = EightGaussians.mixture();
     let config = MlpConfig::default();
 
     // The sampling model reads the EMA weights: from training, or from a checkpoint.
-    let ema_vars = match &opts.load {
+    let ema_vars = match opts.text("load") {
         Some(_) => VarMap::new(),
         None => {
             let vars = VarMap::new();
@@ -83,22 +58,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     ..Default::default()
                 },
             )?;
-            let bar = ProgressBar::new(opts.steps as u64).with_style(ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:40}] {pos}/{len} steps, {per_sec} {msg}",
-            )?);
-            trainer.fit(
-                &Objective::new(&sde, &trained),
-                &EightGaussians,
-                opts.steps,
-                |step| {
-                    bar.inc(1);
-                    if step.step % 100 == 0 {
-                        bar.set_message(format!("loss {:.3}", step.loss));
-                    }
-                },
-            )?;
-            bar.finish_and_clear();
-            if let Some(path) = &opts.save {
+            let objective = Objective::new(&sde, &trained);
+            common::fit_with_progress("train", &mut trainer, &objective, &EightGaussians, steps)?;
+            if let Some(path) = opts.text("save") {
                 trainer.save_checkpoint(path)?;
             }
             trainer.ema().clone() // a VarMap is a shared handle: this keeps the EMA weights
@@ -109,17 +71,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sde,
         config,
     )?;
-    if let Some(path) = &opts.load {
+    if let Some(path) = opts.text("load") {
         load_weights(path, &ema_vars, Weights::Ema)?;
     }
 
     // Held-out points from the true distribution (a seed the training never used).
     let mut rng = StdRng::seed_from_u64(2024);
-    let x = EightGaussians.sample(opts.points, &mut rng)?;
+    let x = EightGaussians.sample(points, &mut rng)?;
     let d = x.dim(1)? as f64;
     let eps = 1e-5;
     let exact = truth.diffused(sde);
-    let true_log_p = exact.log_density(&x, &Tensor::full(eps, opts.points, &device)?)?;
+    let true_log_p = exact.log_density(&x, &Tensor::full(eps, points, &device)?)?;
     let true_bpd = -mean(&true_log_p)? / (d * std::f64::consts::LN_2);
 
     let likelihood = Likelihood::new();

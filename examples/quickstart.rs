@@ -13,11 +13,12 @@
 //!
 //! Run: `cargo run --release --example quickstart` (about two minutes on 2 cores).
 
+mod common;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 use rand::{rngs::StdRng, SeedableRng};
@@ -46,17 +47,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..Default::default()
         },
     )?;
-    let bar = ProgressBar::new(TRAIN_STEPS as u64).with_style(ProgressStyle::with_template(
-        "{elapsed_precise} [{bar:40}] {pos}/{len} steps, {per_sec} {msg}",
-    )?);
-    let objective = Objective::new(&sde, &model);
-    trainer.fit(&objective, &data, TRAIN_STEPS, |step| {
-        bar.inc(1);
-        if step.step % 100 == 0 {
-            bar.set_message(format!("loss {:.3}", step.loss));
-        }
-    })?;
-    bar.finish_and_clear();
+    common::fit_with_progress(
+        "train",
+        &mut trainer,
+        &Objective::new(&sde, &model),
+        &data,
+        TRAIN_STEPS,
+    )?;
 
     // Sample with the exponential moving average of the weights.
     let ema_model = MlpScore::new(

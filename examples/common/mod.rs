@@ -1,0 +1,82 @@
+//! What the examples share: a progress bar around training, and `--key value` options.
+//!
+//! Each example uses only part of it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use scoresde::data::Dataset;
+use scoresde::sde::Sde;
+use scoresde::train::{FitReport, Objective, Trainer};
+use scoresde::ScoreModel;
+
+pub type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Runs `steps` training steps with a progress bar showing the DSM loss and penalties.
+pub fn fit_with_progress<S: Sde, M: ScoreModel, D: Dataset + ?Sized>(
+    label: &str,
+    trainer: &mut Trainer,
+    objective: &Objective<'_, S, M>,
+    data: &D,
+    steps: usize,
+) -> BoxResult<FitReport> {
+    let bar = ProgressBar::new(steps as u64).with_style(ProgressStyle::with_template(
+        "{prefix:9} {elapsed_precise} [{bar:40}] {pos}/{len} steps, {per_sec} {msg}",
+    )?);
+    bar.set_prefix(label.to_string());
+    let report = trainer.fit(objective, data, steps, |step| {
+        bar.inc(1);
+        if step.step % 50 == 0 {
+            let penalties: String = step
+                .penalties
+                .iter()
+                .map(|p| format!(" penalty {p:.3}"))
+                .collect();
+            bar.set_message(format!("dsm {:.3}{penalties}", step.dsm));
+        }
+    })?;
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+/// `--key value` pairs from the command line.
+pub struct Options {
+    values: HashMap<String, String>,
+}
+
+impl Options {
+    /// Reads the command line; every option must be one of `known` and have a value.
+    pub fn parse(known: &[&str]) -> BoxResult<Self> {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let mut values = HashMap::new();
+        for pair in args.chunks(2) {
+            let key = pair[0].trim_start_matches("--");
+            if !pair[0].starts_with("--") || !known.contains(&key) {
+                return Err(format!("unknown option {}; known: --{}", pair[0], known.join(", --")).into());
+            }
+            let value = pair
+                .get(1)
+                .ok_or_else(|| format!("option {} needs a value", pair[0]))?;
+            values.insert(key.to_string(), value.clone());
+        }
+        Ok(Self { values })
+    }
+
+    /// The option's value, or `default` when it was not given.
+    pub fn get<T: FromStr>(&self, key: &str, default: T) -> BoxResult<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.values.get(key) {
+            Some(v) => v.parse().map_err(|e| format!("--{key} {v}: {e}").into()),
+            None => Ok(default),
+        }
+    }
+
+    /// The option's value, if given.
+    pub fn text(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+}
