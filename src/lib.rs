@@ -94,8 +94,10 @@
 //! | [`regularizer`] | penalties added to the training loss |
 //! | [`random`] | seeded noise (candle's own RNG cannot be seeded) |
 //!
-//! The mathematics, with references to the papers, is in `docs/theory.md`; the design in
-//! `docs/design.md`.
+//! A guided tour from `cargo add` to samples of your own data is in `docs/guide.md` (its
+//! code runs as doctests); the mathematics, with references to the papers and the
+//! reproduced results, in `docs/theory.md`; the design in `docs/design.md`; measured speed
+//! in `docs/benchmarks.md`. The `examples/` directory has runnable programs for each part.
 #![warn(missing_docs)]
 
 pub mod autodiff;
