@@ -17,10 +17,8 @@ mod common;
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use plotters::prelude::*;
-use plotters::style::FontStyle;
 use rand::{rngs::StdRng, SeedableRng};
 use scoresde::metrics::mmd2_unbiased;
 use scoresde::prelude::*;
@@ -77,47 +75,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ode_mmd = mmd2_unbiased(&ode_samples.x, &reference, None)?;
 
     std::fs::create_dir_all("out")?;
-    plot(
+    common::plot_panels(
         PNG,
+        3,
+        4.5,
         &[
-            ("data", &reference),
-            ("reverse SDE (Euler-Maruyama, 1000 steps)", &sde_samples.x),
+            ("data".into(), &reference),
+            ("reverse SDE (Euler-Maruyama, 1000 steps)".into(), &sde_samples.x),
             (
-                &format!("probability-flow ODE (RK45, {} evals)", ode_samples.stats.nfe),
+                format!("probability-flow ODE (RK45, {} evals)", ode_samples.stats.nfe),
                 &ode_samples.x,
             ),
         ],
     )?;
     eprintln!("finished in {:.1} s", start.elapsed().as_secs_f64());
     println!("quickstart: dsm_loss={dsm_loss:.4} sde_mmd={sde_mmd:.5} ode_mmd={ode_mmd:.5} png={PNG}");
-    Ok(())
-}
-
-/// One scatter panel per sample set, side by side.
-fn plot(path: &str, panels: &[(&str, &Tensor)]) -> Result<(), Box<dyn std::error::Error>> {
-    // The bitmap backend draws text with ab_glyph from a font shipped in the repository.
-    plotters::style::register_font(
-        "sans-serif",
-        FontStyle::Normal,
-        include_bytes!("../assets/DejaVuSansMono.ttf"),
-    )
-    .map_err(|_| "cannot read the bundled font")?;
-    let root = BitMapBackend::new(path, (600 * panels.len() as u32, 640)).into_drawing_area();
-    root.fill(&WHITE)?;
-    for (area, (title, points)) in root.split_evenly((1, panels.len())).iter().zip(panels) {
-        let mut chart = ChartBuilder::on(area)
-            .caption(*title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(28)
-            .y_label_area_size(36)
-            .build_cartesian_2d(-4.5f64..4.5, -4.5f64..4.5)?;
-        chart.configure_mesh().disable_mesh().draw()?;
-        let xy = points.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-        chart.draw_series(
-            xy.iter()
-                .map(|p| Circle::new((p[0], p[1]), 1, RGBColor(30, 80, 160).mix(0.6).filled())),
-        )?;
-    }
-    root.present()?;
     Ok(())
 }

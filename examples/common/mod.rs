@@ -1,4 +1,5 @@
-//! What the examples share: a progress bar around training, and `--key value` options.
+//! What the examples share: a progress bar around training, `--key value` options, and
+//! scatter plots of 2-D samples.
 //!
 //! Each example uses only part of it.
 #![allow(dead_code)]
@@ -6,7 +7,10 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
+use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
 use scoresde::data::Dataset;
 use scoresde::sde::Sde;
 use scoresde::train::{FitReport, Objective, Trainer};
@@ -79,4 +83,37 @@ impl Options {
     pub fn text(&self, key: &str) -> Option<&str> {
         self.values.get(key).map(String::as_str)
     }
+}
+
+/// Scatter plots of 2-D point sets, `columns` panels per row, each over
+/// `[-extent, extent]²`, written as a PNG.
+pub fn plot_panels(path: &str, columns: usize, extent: f64, panels: &[(String, &Tensor)]) -> BoxResult<()> {
+    // The bitmap backend draws text with ab_glyph from a font shipped in the repository.
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        include_bytes!("../../assets/DejaVuSansMono.ttf"),
+    )
+    .map_err(|_| "cannot read the bundled font")?;
+    let columns = columns.clamp(1, panels.len().max(1));
+    let rows = panels.len().div_ceil(columns);
+    let size = (480 * columns as u32, 510 * rows as u32);
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE)?;
+    for (area, (title, points)) in root.split_evenly((rows, columns)).iter().zip(panels) {
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(24)
+            .y_label_area_size(32)
+            .build_cartesian_2d(-extent..extent, -extent..extent)?;
+        chart.configure_mesh().disable_mesh().draw()?;
+        let xy = points.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        chart.draw_series(
+            xy.iter()
+                .map(|p| Circle::new((p[0], p[1]), 1, RGBColor(30, 80, 160).mix(0.5).filled())),
+        )?;
+    }
+    root.present()?;
+    Ok(())
 }

@@ -7,6 +7,7 @@
 //! | [`sliced_w2`] | mean over random directions of the 1-D W2² (sort and match), then √ | `O(k·n log n)` |
 //! | [`mmd2_unbiased`] | unbiased MMD² with a Gaussian kernel | `O(n²)` |
 //! | [`energy_distance`] | `2E‖X−Y‖ − E‖X−X'‖ − E‖Y−Y'‖` | `O(n²)` |
+//! | [`histogram_w2`] | exact W2 between the [`Histogram`]s of two sets on a [`Grid`] (Deveney et al.) | binning `O(n)`, then network simplex on the occupied cells |
 //!
 //! [`GapReport`] puts them to work: ODE and SDE samples of one model from the same prior
 //! draws, their distance to each other and to the data, and the model's Fokker–Planck
@@ -28,8 +29,11 @@
 
 mod assignment;
 mod gap;
+mod histogram;
+mod transport;
 
-pub use gap::{Gap, GapReport};
+pub use gap::{mean_penalty, Gap, GapReport};
+pub use histogram::{histogram_w2, Grid, Histogram};
 
 use candle_core::{DType, Tensor};
 use rand::Rng;
