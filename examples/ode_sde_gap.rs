@@ -28,8 +28,8 @@
 //! `out/ode_sde_gap_<data>.png`.
 //!
 //! Options: `--data checker|circles2|blob|all` (default all), `--weights 0,0.1,1,10`,
-//! `--pretrain N` (default 3000), `--steps N` (default 1000), `--batch N` (default 1000),
-//! `--collocation N` (default 1000), `--samples N` (default 20000), `--sample-steps N`
+//! `--pretrain N` (default 2000), `--steps N` (default 300), `--batch N` (default 1000),
+//! `--collocation N` (default 1000), `--samples N` (default 10000), `--sample-steps N`
 //! (default 800).
 //!
 //! Run: `cargo run --release --example ode_sde_gap` (see docs/theory.md for the time and
@@ -73,11 +73,11 @@ fn main() -> common::BoxResult<()> {
         .split(',')
         .map(|w| w.trim().parse::<f64>())
         .collect::<Result<_, _>>()?;
-    let pretrain: usize = opts.get("pretrain", 3000)?;
-    let steps: usize = opts.get("steps", 1000)?;
+    let pretrain: usize = opts.get("pretrain", 2000)?;
+    let steps: usize = opts.get("steps", 300)?;
     let batch: usize = opts.get("batch", 1000)?;
     let collocation: usize = opts.get("collocation", 1000)?;
-    let samples: usize = opts.get("samples", 20_000)?;
+    let samples: usize = opts.get("samples", 10_000)?;
     let sample_steps: usize = opts.get("sample-steps", 800)?;
 
     let start = Instant::now();
