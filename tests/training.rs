@@ -700,3 +700,49 @@ fn log_density_model_trains_with_its_fp_penalty() {
     assert!(report.losses.iter().all(|l| l.is_finite()));
     assert!(trainer.untrained_variables().unwrap().is_empty());
 }
+
+/// The hand-written input gradient that `GradientScore::values_only` uses for
+/// `MlpPotential` equals candle's autodiff gradient, for every activation (f64, so only
+/// rounding separates them, except where candle's GELU derivative is approximate).
+#[test]
+fn potential_fast_score_equals_the_autodiff_score() {
+    use scoresde::score::Activation;
+    let mut rng = StdRng::seed_from_u64(5);
+    let x = scoresde::random::standard_normal((16, 3), DType::F64, &Device::Cpu, &mut rng).unwrap();
+    let t = scoresde::random::uniform(16, 0.01, 1.0, DType::F64, &Device::Cpu, &mut rng).unwrap();
+    for activation in [
+        Activation::Silu,
+        Activation::Tanh,
+        Activation::Softplus { beta: 100.0 },
+        Activation::Softplus { beta: 1.0 },
+        Activation::Relu,
+        Activation::Gelu,
+    ] {
+        let vars = VarMap::new();
+        let config = PotentialConfig {
+            dim: 3,
+            width: 12,
+            activation,
+            ..Default::default()
+        };
+        let make =
+            || MlpPotential::new(VarBuilder::from_varmap(&vars, DType::F64, &Device::Cpu), config).unwrap();
+        let autodiff = GradientScore::new(make()).score(&x, &t).unwrap();
+        let fast = GradientScore::values_only(make()).score(&x, &t).unwrap();
+        let max_abs = |v: &Tensor| scalar(&v.abs().unwrap().flatten_all().unwrap().max(0).unwrap());
+        let scale = max_abs(&autodiff);
+        let err = max_abs(&(&fast - &autodiff).unwrap());
+        // candle's GELU backward uses 0.398942 for 1/√(2π) (relative error 7e-7); the
+        // hand-written derivative uses the exact constant.
+        let tolerance = if activation == Activation::Gelu {
+            1e-6
+        } else {
+            1e-12
+        };
+        assert!(
+            err <= tolerance * scale.max(1.0),
+            "{activation:?}: error {err} (scale {scale})"
+        );
+        assert!(!fast.is_variable() && fast.dims() == [16, 3]);
+    }
+}

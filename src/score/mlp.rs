@@ -64,6 +64,28 @@ impl Activation {
         })
     }
 
+    /// The derivative `act'(x)`, elementwise (no graph is needed through it: it serves
+    /// hand-written input gradients).
+    fn derivative(&self, x: &Tensor) -> Result<Tensor> {
+        let sigmoid = |v: &Tensor| -> Result<Tensor> { Ok(candle_nn::ops::sigmoid(v)?) };
+        Ok(match *self {
+            // σ(x)(1 + x(1 − σ(x)))
+            Self::Silu => {
+                let s = sigmoid(x)?;
+                (&s * ((x * (1.0 - &s)?)? + 1.0)?)?
+            }
+            Self::Tanh => (1.0 - x.tanh()?.sqr()?)?,
+            Self::Softplus { beta } => sigmoid(&(x * beta)?)?,
+            Self::Relu => x.gt(0.0)?.to_dtype(x.dtype())?,
+            // Φ(x) + x·φ(x)
+            Self::Gelu => {
+                let cdf = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5;
+                let pdf = (x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
+                (cdf? + (x * pdf?)?)?
+            }
+        })
+    }
+
     fn validate(&self) -> Result<()> {
         if let Self::Softplus { beta } = *self {
             ensure(beta.is_finite() && beta > 0.0, || {
@@ -137,6 +159,30 @@ impl Perceptron {
             h = self.activation.apply(&layer.forward(&h)?)?;
         }
         Ok(self.output.forward(&h)?)
+    }
+
+    /// The gradient of the (single) output with respect to the input, `[B, inputs]`, by a
+    /// hand-written backward pass on detached weights: no graph, and none of the weight
+    /// gradients that autodiff would also compute.
+    fn input_gradient(&self, x: &Tensor) -> Result<Tensor> {
+        let detached = |layer: &Linear| (layer.weight().detach(), layer.bias().map(Tensor::detach));
+        let mut h = x.detach();
+        let mut pre_activations = Vec::with_capacity(self.hidden.len());
+        for layer in &self.hidden {
+            let (w, b) = detached(layer);
+            let mut a = h.matmul(&w.t()?)?;
+            if let Some(b) = b {
+                a = a.broadcast_add(&b)?;
+            }
+            h = self.activation.apply(&a)?;
+            pre_activations.push((a, w));
+        }
+        let (w_out, _) = detached(&self.output);
+        let mut delta = w_out.broadcast_as((h.dim(0)?, w_out.dim(1)?))?.contiguous()?;
+        for (a, w) in pre_activations.iter().rev() {
+            delta = (delta * self.activation.derivative(a)?)?.matmul(w)?;
+        }
+        Ok(delta)
     }
 }
 
@@ -446,11 +492,24 @@ impl MlpPotential {
     }
 }
 
-impl LogDensityModel for MlpPotential {
-    fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+impl MlpPotential {
+    /// The network's input `[t, x]`, in its dtype.
+    fn input(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         check_input(x, t, self.config.dim, "MlpPotential")?;
         let (x, t) = (x.to_dtype(self.dtype)?, t.to_dtype(self.dtype)?);
-        let input = Tensor::cat(&[&t.unsqueeze(1)?, &x], 1)?;
-        Ok(self.net.forward(&input)?.squeeze(1)?)
+        Ok(Tensor::cat(&[&t.unsqueeze(1)?, &x], 1)?)
+    }
+}
+
+impl LogDensityModel for MlpPotential {
+    fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        Ok(self.net.forward(&self.input(x, t)?)?.squeeze(1)?)
+    }
+
+    /// By a hand-written backward pass: about twice as fast as autodiff for sampling.
+    fn score_values(&self, x: &Tensor, t: &Tensor) -> Result<Option<Tensor>> {
+        let gradient = self.net.input_gradient(&self.input(x, t)?)?;
+        // Column 0 is the time input.
+        Ok(Some(gradient.narrow(1, 1, self.config.dim)?.to_dtype(x.dtype())?))
     }
 }

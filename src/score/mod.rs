@@ -68,6 +68,14 @@ where
 pub trait LogDensityModel {
     /// `u(x, t)` for each sample: shape `[B]`.
     fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor>;
+
+    /// `∇ₓu(x, t)` as plain values (no graph), if the model computes it faster than
+    /// autodiff does; [`GradientScore::values_only`] uses it for sampling. The default,
+    /// `None`, means "use autodiff". An implementation must agree with the autodiff
+    /// gradient of [`Self::log_density`].
+    fn score_values(&self, _x: &Tensor, _t: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 mod mixture;

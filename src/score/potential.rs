@@ -182,6 +182,11 @@ impl<M: LogDensityModel> ScoreModel for GradientScore<M> {
             let u = self.checked_log_density(x, t)?;
             return autodiff::grad(&u, x);
         }
+        if self.values_only {
+            if let Some(score) = self.inner.score_values(x, t)? {
+                return Ok(score);
+            }
+        }
         let x_leaf = autodiff::leaf(x)?;
         let u = self.checked_log_density(&x_leaf, t)?;
         if self.values_only {
@@ -196,5 +201,10 @@ impl<M: LogDensityModel> LogDensityModel for GradientScore<M> {
     /// Forwards to the wrapped model.
     fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         self.inner.log_density(x, t)
+    }
+
+    /// Forwards to the wrapped model.
+    fn score_values(&self, x: &Tensor, t: &Tensor) -> Result<Option<Tensor>> {
+        self.inner.score_values(x, t)
     }
 }
