@@ -19,7 +19,7 @@
 //! `--save PATH` (write the trained checkpoint), `--load PATH` (skip training, use the EMA
 //! weights of a checkpoint written by `--save`).
 //!
-//! Run: `cargo run --release --example likelihood` (about a minute on 2 cores).
+//! Run: `cargo run --release --example likelihood` (2–4 minutes on 2 cores).
 
 mod common;
 
