@@ -493,6 +493,17 @@ const PAR_ELEMENTS: usize = 16_384;
 /// `v ← n·P(σ(v)) + v·Q(σ(v))` (polynomials in ascending powers), dispatched like
 /// [`bias_activation`].
 fn silu_derivative_f32(v: &mut [f32], n: f32, p: &[f32], q: &[f32]) {
+    if n == 0.0 {
+        // SiLU itself: the bias-and-activation pass with a zero bias.
+        const ZERO: [f32; 64] = [0.0; 64];
+        let split = v.len() - v.len() % ZERO.len();
+        let (head, tail) = v.split_at_mut(split);
+        bias_activation(head, &ZERO, Pointwise::Silu);
+        if !tail.is_empty() {
+            bias_activation(tail, &ZERO[..tail.len()], Pointwise::Silu);
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -522,11 +533,6 @@ unsafe fn silu_derivative_avx2(v: &mut [f32], n: f32, p: &[f32], q: &[f32]) {
 /// Blocks of 64: one pass for the sigmoid, then one vectorized pass per coefficient.
 #[inline(always)]
 fn silu_derivative_portable(v: &mut [f32], n: f32, p: &[f32], q: &[f32]) {
-    if p.len() == 1 && p[0] == 0.0 && q == [0.0, 1.0] {
-        // SiLU itself.
-        v.iter_mut().for_each(|x| *x /= 1.0 + exp(-*x));
-        return;
-    }
     const B: usize = 64;
     let (mut s, mut ps, mut qs) = ([0.0f32; B], [0.0f32; B], [0.0f32; B]);
     for block in v.chunks_mut(B) {
@@ -565,25 +571,70 @@ fn bias_activation(rows: &mut [f32], bias: &[f32], activation: Pointwise) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 unsafe fn bias_activation_avx512(rows: &mut [f32], bias: &[f32], activation: Pointwise) {
-    bias_activation_portable(rows, bias, activation)
+    bias_activation_with(rows, bias, activation, |n, d| divide_avx2(n, d))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn bias_activation_avx2(rows: &mut [f32], bias: &[f32], activation: Pointwise) {
-    bias_activation_portable(rows, bias, activation)
+    bias_activation_with(rows, bias, activation, |n, d| divide_avx2(n, d))
+}
+
+/// `num[i] ← num[i] / den[i]` with the hardware reciprocal estimate refined by one
+/// Newton step (≤ 2 ulp; `vdivps` was the bottleneck of the SiLU pass). For `den` above
+/// 2¹²⁶ the estimate flushes to zero: SiLU's result there is below 1e-36 in size anyway.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn divide_avx2(num: &mut [f32], den: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = num.len().min(den.len());
+    let two = _mm256_set1_ps(2.0);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n, within both slices.
+        let (d, x) = unsafe { (_mm256_loadu_ps(den.as_ptr().add(i)), _mm256_loadu_ps(num.as_ptr().add(i))) };
+        let r = _mm256_rcp_ps(d);
+        let r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, two));
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(num.as_mut_ptr().add(i), _mm256_mul_ps(x, r)) };
+        i += 8;
+    }
+    num[i..n].iter_mut().zip(&den[i..n]).for_each(|(x, d)| *x /= d);
 }
 
 /// The loop the SIMD variants recompile; written so that it vectorizes.
 #[inline(always)]
 fn bias_activation_portable(rows: &mut [f32], bias: &[f32], activation: Pointwise) {
+    bias_activation_with(rows, bias, activation, |num, den| {
+        num.iter_mut().zip(den).for_each(|(x, d)| *x /= d)
+    })
+}
+
+/// [`bias_activation_portable`] with the division of SiLU's `z / (1 + e⁻ᶻ)` supplied.
+#[inline(always)]
+fn bias_activation_with(
+    rows: &mut [f32],
+    bias: &[f32],
+    activation: Pointwise,
+    divide: impl Fn(&mut [f32], &[f32]),
+) {
+    const BLOCK: usize = 64;
+    let mut den = [0.0f32; BLOCK];
     for row in rows.chunks_exact_mut(bias.len()) {
         match activation {
             Pointwise::Identity => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
-            Pointwise::Silu => row.iter_mut().zip(bias).for_each(|(v, b)| {
-                let z = *v + b;
-                *v = z / (1.0 + exp(-z));
-            }),
+            Pointwise::Silu => {
+                for (v, b) in row.chunks_mut(BLOCK).zip(bias.chunks(BLOCK)) {
+                    let den = &mut den[..v.len()];
+                    v.iter_mut().zip(b).zip(den.iter_mut()).for_each(|((v, b), d)| {
+                        let z = *v + b;
+                        *v = z;
+                        *d = 1.0 + exp(-z);
+                    });
+                    divide(v, den);
+                }
+            }
             Pointwise::Tanh => row.iter_mut().zip(bias).for_each(|(v, b)| {
                 let z = *v + b;
                 let t = 1.0 - 2.0 / (1.0 + exp(2.0 * z));
@@ -627,6 +678,89 @@ mod tests {
             x += 0.001;
         }
         assert!(worst < 3.0 * f32::EPSILON, "relative error {worst}");
+    }
+
+    /// Each order's forward equals a central difference of the previous order (f64).
+    #[test]
+    fn silu_derivatives_are_derivatives() {
+        let h = 1e-5;
+        for order in 1..5 {
+            let (f, df) = (SiluDerivative::new(order - 1), SiluDerivative::new(order));
+            for i in -40..=40 {
+                let x = i as f64 * 0.25;
+                let fd = (f.eval_f64(x + h) - f.eval_f64(x - h)) / (2.0 * h);
+                assert!((df.eval_f64(x) - fd).abs() < 1e-6, "order {order} at {x}");
+            }
+        }
+        // Order 0 is SiLU, order 1 its known derivative.
+        let s = |x: f64| 1.0 / (1.0 + (-x).exp());
+        for x in [-3.0, -0.5, 0.0, 1.5] {
+            assert!((SiluDerivative::new(0).eval_f64(x) - x * s(x)).abs() < 1e-15);
+            let d1 = s(x) + x * s(x) * (1.0 - s(x));
+            assert!((SiluDerivative::new(1).eval_f64(x) - d1).abs() < 1e-15);
+        }
+    }
+
+    /// The op (f32, vectorized) against candle's silu, and its gradients of gradients
+    /// against the f64 formulas.
+    #[test]
+    fn silu_op_matches_candle_and_differentiates() {
+        let dev = Device::Cpu;
+        let values: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.03).collect();
+        let x = Tensor::new(values.as_slice(), &dev).unwrap();
+        let ours = silu(&x).unwrap().to_vec1::<f32>().unwrap();
+        let theirs = x.silu().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!((a - b).abs() <= 4.0 * f32::EPSILON * b.abs().max(1e-3), "{a} vs {b}");
+        }
+        let xv = candle_core::Var::new(&[-2.0f64, -0.3, 0.0, 0.7, 3.0], &dev).unwrap();
+        let y = silu(xv.as_tensor()).unwrap().sum_all().unwrap();
+        let g = y.backward().unwrap().get(xv.as_tensor()).unwrap().clone();
+        let gg = g.sum_all().unwrap().backward().unwrap().get(xv.as_tensor()).cloned();
+        let xs = xv.as_tensor().to_vec1::<f64>().unwrap();
+        let g = g.to_vec1::<f64>().unwrap();
+        for (i, &x) in xs.iter().enumerate() {
+            assert!((g[i] - SiluDerivative::new(1).eval_f64(x)).abs() < 1e-12);
+        }
+        // Second order needs CANDLE_GRAD_DO_NOT_DETACH (set by .cargo/config.toml).
+        if crate::autodiff::ensure_higher_order_gradients().is_ok() {
+            let gg = gg.unwrap().to_vec1::<f64>().unwrap();
+            for (i, &x) in xs.iter().enumerate() {
+                assert!((gg[i] - SiluDerivative::new(2).eval_f64(x)).abs() < 1e-12);
+            }
+        }
+    }
+
+    /// `MlpScore` inside a sampler's scope (fused kernels) equals its candle-op forward,
+    /// for one shared time (features folded into the bias) and for per-sample times.
+    #[test]
+    fn fused_mlp_score_matches_candle_ops() {
+        use crate::score::{MlpConfig, MlpScore};
+        use crate::ScoreModel;
+        let dev = Device::Cpu;
+        let vars = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vars, DType::F32, &dev);
+        let model = MlpScore::new(vb, crate::sde::VpSde::default(), MlpConfig::default()).unwrap();
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let x = crate::random::standard_normal((300, 2), DType::F32, &dev, &mut rng).unwrap();
+        let shared = Tensor::full(0.37f32, 300, &dev).unwrap();
+        let varied = crate::random::uniform(300, 1e-3, 1.0, DType::F32, &dev, &mut rng).unwrap();
+        for t in [&shared, &varied] {
+            let want = model.score(&x, t).unwrap();
+            let got = {
+                let _scope = InferenceScope::enter();
+                model.score(&x, t).unwrap()
+            };
+            assert!(!got.track_op());
+            let err = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let (err, scale) = (err.to_scalar::<f32>().unwrap(), scale.to_scalar::<f32>().unwrap());
+            assert!(err < 1e-5 * scale.max(1.0), "max error {err} (scale {scale})");
+        }
+        // Tracked inputs (a leaf for input derivatives) take the graph path even in scope.
+        let leaf = crate::autodiff::leaf(&x).unwrap();
+        let _scope = InferenceScope::enter();
+        assert!(model.score(&leaf, &shared).unwrap().track_op());
     }
 
     #[test]
