@@ -25,6 +25,10 @@ fn setup() -> (VpSde, VarMap, MlpScore<VpSde>) {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "2");
     }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // See examples/peer_workloads.rs: candle's spinning elementwise pool off.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let sde = VpSde::default();
     let vars = VarMap::new();
     let model = MlpScore::new(

@@ -34,6 +34,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Before any thread pool exists: rayon and candle's matmul both read it.
         std::env::set_var("RAYON_NUM_THREADS", "2");
     }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // candle's elementwise ops use a pool of their own whose workers spin between
+        // calls; beside rayon's (the matmuls) that oversubscribes 2 cores, and the DSM step
+        // ran 9x slower (docs/benchmarks.md). One thread there: elementwise ops run inline.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     if std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none() {
         // The fpe workload trains through input derivatives (see docs/design.md).
         std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
