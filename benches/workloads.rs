@@ -66,9 +66,7 @@ fn training(c: &mut Criterion) {
     let loss = Dsm::default().with_eps(1e-3).unwrap();
     let dsm = Objective::new(&sde, &model).with_loss(loss);
     let mut trainer = Trainer::new(&vars, TrainConfig::default()).unwrap();
-    c.bench_function("dsm_step", |b| {
-        b.iter(|| trainer.step(&dsm, &data).unwrap())
-    });
+    c.bench_function("dsm_step", |b| b.iter(|| trainer.step(&dsm, &data).unwrap()));
     let residual = ScoreFpe::new()
         .with_weighting(TimeWeighting::Constant)
         .with_normalization(false)
@@ -79,9 +77,7 @@ fn training(c: &mut Criterion) {
         .with_loss(loss)
         .with_penalty(1e-3, residual)
         .unwrap();
-    c.bench_function("fpe_step", |b| {
-        b.iter(|| trainer.step(&fpe, &data).unwrap())
-    });
+    c.bench_function("fpe_step", |b| b.iter(|| trainer.step(&fpe, &data).unwrap()));
 }
 
 fn likelihood(c: &mut Criterion) {

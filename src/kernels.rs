@@ -215,7 +215,9 @@ impl ScoreMlpView<'_> {
             || last.outputs != self.dim
             || last.activation != Pointwise::Identity
         {
-            return Err(Error::Shape("the score network's layers do not fit together".into()));
+            return Err(Error::Shape(
+                "the score network's layers do not fit together".into(),
+            ));
         }
         Ok(())
     }
@@ -269,7 +271,11 @@ impl ScoreMlpView<'_> {
     fn features(&self, t: f32) -> Vec<f32> {
         let two_pi = (2.0 * std::f64::consts::PI) as f32;
         let phases: Vec<f32> = self.frequencies.iter().map(|&w| t * w * two_pi).collect();
-        phases.iter().map(|p| p.sin()).chain(phases.iter().map(|p| p.cos())).collect()
+        phases
+            .iter()
+            .map(|p| p.sin())
+            .chain(phases.iter().map(|p| p.cos()))
+            .collect()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -369,7 +375,12 @@ fn dense_strided(layer: &DenseView<'_>, input: &[f32], rows: usize, out: &mut Ve
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = a16.remainder().iter().zip(b16.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = a16
+        .remainder()
+        .iter()
+        .zip(b16.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in a16.zip(b16) {
         for i in 0..16 {
             acc[i] += x[i] * y[i];
@@ -413,7 +424,11 @@ impl SiluDerivative {
             polys.push(next);
         }
         let current = polys[order].clone();
-        let previous = if order == 0 { vec![0.0] } else { polys[order - 1].clone() };
+        let previous = if order == 0 {
+            vec![0.0]
+        } else {
+            polys[order - 1].clone()
+        };
         Self {
             order,
             previous,
@@ -449,7 +464,9 @@ impl candle_core::CustomOp1 for SiluDerivative {
         fn values<T: Copy>(data: &[T], layout: &candle_core::Layout) -> candle_core::Result<Vec<T>> {
             match layout.contiguous_offsets() {
                 Some((start, end)) => Ok(data[start..end].to_vec()),
-                None => Err(candle_core::Error::RequiresContiguous { op: "silu-derivative" }),
+                None => Err(candle_core::Error::RequiresContiguous {
+                    op: "silu-derivative",
+                }),
             }
         }
         let out = match storage {
@@ -475,7 +492,10 @@ impl candle_core::CustomOp1 for SiluDerivative {
             }
             other => {
                 use candle_core::backend::BackendStorage;
-                return Err(candle_core::Error::UnsupportedDTypeForOp(other.dtype(), "silu-derivative"));
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    other.dtype(),
+                    "silu-derivative",
+                ));
             }
         };
         Ok((out, layout.shape().clone()))
@@ -538,7 +558,9 @@ fn silu_derivative_portable(v: &mut [f32], n: f32, p: &[f32], q: &[f32]) {
     for block in v.chunks_mut(B) {
         let len = block.len();
         let (s, ps, qs) = (&mut s[..len], &mut ps[..len], &mut qs[..len]);
-        s.iter_mut().zip(&*block).for_each(|(s, &x)| *s = 1.0 / (1.0 + exp(-x)));
+        s.iter_mut()
+            .zip(&*block)
+            .for_each(|(s, &x)| *s = 1.0 / (1.0 + exp(-x)));
         for (acc, c) in [(&mut *ps, p), (&mut *qs, q)] {
             acc.fill(c[c.len() - 1]);
             for &k in c[..c.len() - 1].iter().rev() {
@@ -593,7 +615,12 @@ unsafe fn divide_avx2(num: &mut [f32], den: &[f32]) {
     let mut i = 0;
     while i + 8 <= n {
         // SAFETY: i + 8 <= n, within both slices.
-        let (d, x) = unsafe { (_mm256_loadu_ps(den.as_ptr().add(i)), _mm256_loadu_ps(num.as_ptr().add(i))) };
+        let (d, x) = unsafe {
+            (
+                _mm256_loadu_ps(den.as_ptr().add(i)),
+                _mm256_loadu_ps(num.as_ptr().add(i)),
+            )
+        };
         let r = _mm256_rcp_ps(d);
         let r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, two));
         // SAFETY: as above.
@@ -714,12 +741,21 @@ mod tests {
         let ours = silu(&x).unwrap().to_vec1::<f32>().unwrap();
         let theirs = x.silu().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in ours.iter().zip(&theirs) {
-            assert!((a - b).abs() <= 4.0 * f32::EPSILON * b.abs().max(1e-3), "{a} vs {b}");
+            assert!(
+                (a - b).abs() <= 4.0 * f32::EPSILON * b.abs().max(1e-3),
+                "{a} vs {b}"
+            );
         }
         let xv = candle_core::Var::new(&[-2.0f64, -0.3, 0.0, 0.7, 3.0], &dev).unwrap();
         let y = silu(xv.as_tensor()).unwrap().sum_all().unwrap();
         let g = y.backward().unwrap().get(xv.as_tensor()).unwrap().clone();
-        let gg = g.sum_all().unwrap().backward().unwrap().get(xv.as_tensor()).cloned();
+        let gg = g
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(xv.as_tensor())
+            .cloned();
         let xs = xv.as_tensor().to_vec1::<f64>().unwrap();
         let g = g.to_vec1::<f64>().unwrap();
         for (i, &x) in xs.iter().enumerate() {
@@ -755,7 +791,14 @@ mod tests {
                 model.score(&x, t).unwrap()
             };
             assert!(!got.track_op());
-            let err = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let err = (&got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
             let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             let (err, scale) = (err.to_scalar::<f32>().unwrap(), scale.to_scalar::<f32>().unwrap());
             assert!(err < 1e-5 * scale.max(1.0), "max error {err} (scale {scale})");
