@@ -8,9 +8,9 @@
 //! adds the bias and applies the activation in place, vectorized with run-time dispatch.
 //! Only f32, only the forward pass: callers fall back to candle ops for everything else.
 
-// Wired into the reference MLP score network when it lands (issue 4); until then only
-// the unit tests below call it.
-#![allow(dead_code)] // Dense/DenseStack: tested, kept for other networks
+// `Dense`/`DenseStack` (weights copied once) are tested but unused: `MlpScore` reads its
+// variables in place through `ScoreMlpView`, so trained weights are always current.
+#![allow(dead_code)]
 
 use std::cell::{Cell, RefCell};
 
