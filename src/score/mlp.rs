@@ -6,13 +6,14 @@
 //! network. Variables that already exist in the builder (a loaded checkpoint, or a second
 //! model on the same `VarMap`) are used as they are.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{CpuStorage, DType, Module, Storage, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
 use super::{LogDensityModel, ScoreModel};
 use crate::error::ensure;
+use crate::kernels::{DenseView, InferenceScope, Pointwise, ScoreMlpView};
 use crate::sde::Sde;
 use crate::{Error, Result};
 
@@ -52,6 +53,10 @@ impl Activation {
     /// Applies the nonlinearity elementwise.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match *self {
+            // f32/f64 on the CPU: one fused op, differentiable to any order (kernels.rs).
+            Self::Silu if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) => {
+                crate::kernels::silu(x)?
+            }
             Self::Silu => x.silu()?,
             Self::Tanh => x.tanh()?,
             // relu(x) + log(1 + exp(−β|x|))/β: no overflow for large βx.
@@ -403,11 +408,89 @@ fn check_input(x: &Tensor, t: &Tensor, dim: usize, what: &str) -> Result<usize> 
     Ok(b)
 }
 
+impl<S: Sde> MlpScore<S> {
+    /// The fused inference path ([`crate::kernels`]): f32 on the CPU, inside a sampler's
+    /// [`InferenceScope`], inputs not tracked, an activation the kernels implement. Reads
+    /// the variables in place, so trained or loaded weights are always the current ones.
+    /// `None` when any condition fails (the caller then uses candle ops).
+    fn fused_score(&self, x: &Tensor, t: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
+        let activation = match self.config.activation {
+            Activation::Silu => Pointwise::Silu,
+            Activation::Tanh => Pointwise::Tanh,
+            _ => return Ok(None),
+        };
+        if !InferenceScope::active()
+            || x.dtype() != DType::F32
+            || !x.device().is_cpu()
+            || x.track_op()
+            || t.track_op()
+        {
+            return Ok(None);
+        }
+        let layers: Vec<(&Linear, Pointwise)> = self
+            .net
+            .hidden
+            .iter()
+            .map(|l| (l, activation))
+            .chain([(&self.net.output, Pointwise::Identity)])
+            .collect();
+        // Read guards on every variable's storage, held while the kernel runs.
+        let mut tensors = vec![&self.time.frequencies];
+        for (layer, _) in &layers {
+            match layer.bias() {
+                Some(bias) => tensors.extend([layer.weight(), bias]),
+                None => return Ok(None),
+            }
+        }
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut slices = Vec::with_capacity(guards.len());
+        for ((storage, layout), tensor) in guards.iter().zip(&tensors) {
+            let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
+                (&**storage, layout.contiguous_offsets())
+            else {
+                return Ok(None);
+            };
+            debug_assert_eq!(end - start, tensor.elem_count());
+            slices.push(&data[start..end]);
+        }
+        let view = ScoreMlpView {
+            dim: self.config.dim,
+            frequencies: slices[0],
+            layers: layers
+                .iter()
+                .zip(slices[1..].chunks_exact(2))
+                .map(|((layer, act), wb)| {
+                    let (outputs, inputs) = layer.weight().dims2()?;
+                    Ok(DenseView {
+                        weight: wb[0],
+                        bias: wb[1],
+                        inputs,
+                        outputs,
+                        activation: *act,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        };
+        let x_values = x.flatten_all()?.to_vec1::<f32>()?;
+        let t_values = t.to_vec1::<f32>()?;
+        let sigma_values = sigma.to_vec1::<f32>()?;
+        let mut out = vec![0.0f32; x_values.len()];
+        view.forward(&x_values, &t_values, &sigma_values, &mut out)?;
+        Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
+    }
+}
+
 impl<S: Sde> ScoreModel for MlpScore<S> {
     fn score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         check_input(x, t, self.config.dim, "MlpScore")?;
         let dtype = self.time.dtype;
         let (x, t) = (x.to_dtype(dtype)?, t.to_dtype(dtype)?);
+        if InferenceScope::active() && dtype == DType::F32 {
+            let sigma = self.sde.std_tensor(&t)?;
+            if let Some(score) = self.fused_score(&x, &t, &sigma)? {
+                return Ok(score);
+            }
+        }
         let input = Tensor::cat(&[&x, &self.time.forward(&t)?], 1)?;
         let out = self.net.forward(&input)?;
         let sigma = self.sde.std_tensor(&t)?.unsqueeze(1)?;

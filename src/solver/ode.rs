@@ -514,6 +514,8 @@ impl<S: Sde, O: OdeSolver> Sampler<S> for OdeSampler<O> {
                 sde.end_time()
             )
         })?;
+        // Samples are never differentiated: models may skip building a graph.
+        let _inference = crate::kernels::InferenceScope::enter();
         let flow = ProbabilityFlow::new(sde, model);
         let solution = self.solver.solve(&flow, x_end, sde.end_time(), self.eps)?;
         Ok(Samples {

@@ -342,6 +342,8 @@ impl<S: Sde, P: Predictor<S>, C: Corrector> Sampler<S> for PredictorCorrector<P,
                 grid.end()
             )
         })?;
+        // Samples are never differentiated: models may skip building a graph.
+        let _inference = crate::kernels::InferenceScope::enter();
         let model = Counted::new(model);
         let times = grid.times();
         let mut x = x_end.detach();

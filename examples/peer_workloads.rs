@@ -1,0 +1,100 @@
+//! The peers' benchmark workloads (`../shared/peers/torch_ref.py`, `jax_ref.py`) run with
+//! this crate, to time them side by side (see `docs/benchmarks.md`).
+//!
+//! * `dsm`: 200 training steps (after 10 warm-up steps) of denoising score matching under
+//!   the VP SDE (β 0.1..20, ε = 1e-3) on the checkerboard, batch 512, AdamW lr 1e-3;
+//!   the network is [`MlpScore`] with its defaults (32 Fourier time features, 3×128 SiLU,
+//!   output divided by σ(t)).
+//! * `fpe`: as `dsm` plus `1e-3 ×` the score-FPE residual `mean_batch ‖∂_t s − ∇φ‖²`
+//!   with the exact divergence and `∂_t s` by autodiff: [`ScoreFpe`] with constant time
+//!   weighting, no `d^m` normalization, `m = 2` and no scalar term, which is exactly
+//!   `torch_ref.py`'s `score_fpe_residual`.
+//! * `em`: Euler–Maruyama on the reverse VP SDE, 10,000 samples × 1,000 steps, no gradients.
+//!
+//! Prints the peers' line (`name value unit`) and then `peak_rss_mb <v> MB` (the process's
+//! peak resident set, `VmHWM`). f32, 2 threads unless `RAYON_NUM_THREADS` says otherwise.
+//!
+//! Run: `cargo run --release --example peer_workloads -- dsm|fpe|em`
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{rngs::StdRng, SeedableRng};
+use scoresde::autodiff::Divergence;
+use scoresde::prelude::*;
+use scoresde::regularizer::{ScoreFpe, TimeDerivative, TimeWeighting};
+
+const EPS: f64 = 1e-3;
+const WARMUP: usize = 10;
+const STEPS: usize = 200;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // Before any thread pool exists: rayon and candle's matmul both read it.
+        std::env::set_var("RAYON_NUM_THREADS", "2");
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // candle's elementwise ops use a pool of their own whose workers spin between
+        // calls; beside rayon's (the matmuls) that oversubscribes 2 cores, and the DSM step
+        // ran 9x slower (docs/benchmarks.md). One thread there: elementwise ops run inline.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_none() {
+        // The fpe workload trains through input derivatives (see docs/design.md).
+        std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
+    }
+    let workload = std::env::args().nth(1).unwrap_or_default();
+    let device = Device::Cpu;
+    let sde = VpSde::new(0.1, 20.0)?;
+    let vars = VarMap::new();
+    let model = MlpScore::new(
+        VarBuilder::from_varmap(&vars, DType::F32, &device),
+        sde,
+        MlpConfig::default(),
+    )?;
+    match workload.as_str() {
+        "dsm" | "fpe" => {
+            let mut objective = Objective::new(&sde, &model).with_loss(Dsm::default().with_eps(EPS)?);
+            if workload == "fpe" {
+                let residual = ScoreFpe::new()
+                    .with_weighting(TimeWeighting::Constant)
+                    .with_normalization(false)
+                    .with_divergence(Divergence::Exact)?
+                    .with_time_derivative(TimeDerivative::Autodiff);
+                objective = objective.with_penalty(1e-3, residual)?;
+            }
+            let mut trainer = Trainer::new(&vars, TrainConfig::default())?;
+            let data = Checkerboard::default();
+            trainer.fit(&objective, &data, WARMUP, |_| {})?;
+            let start = Instant::now();
+            trainer.fit(&objective, &data, STEPS, |_| {})?;
+            let rate = STEPS as f64 / start.elapsed().as_secs_f64();
+            println!("{workload}_train_steps_per_s {rate:.1} steps/s");
+        }
+        "em" => {
+            let mut rng = StdRng::seed_from_u64(0);
+            let start = Instant::now();
+            let x_t = sde.sample_prior((10_000, 2), DType::F32, &device, &mut rng)?;
+            let samples = PredictorCorrector::euler_maruyama(1000)
+                .with_eps(EPS)?
+                .sample(&sde, &model, &x_t, &mut rng)?;
+            let elapsed = start.elapsed().as_secs_f64();
+            assert_eq!(samples.stats.nfe, 1000);
+            println!("em_10k_x_1000_steps {elapsed:.2} s");
+        }
+        other => {
+            return Err(format!("unknown workload {other:?}: expected dsm, fpe or em").into());
+        }
+    }
+    println!("peak_rss_mb {:.1} MB", peak_rss_mb().unwrap_or(f64::NAN));
+    Ok(())
+}
+
+/// The peak resident set size (`VmHWM` in `/proc/self/status`), in MB (Linux only).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
