@@ -336,7 +336,17 @@ impl SiluDerivative {
 /// SiLU on `x` through [`SiluDerivative`]: same values as candle's `silu` (to rounding),
 /// differentiable to any order.
 pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1(SiluDerivative::new(0))?)
+    silu_derivative(x, 0)
+}
+
+/// The `order`-th derivative of SiLU on `x`, one op (itself differentiable to any order).
+pub(crate) fn silu_derivative(x: &Tensor, order: usize) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(SiluDerivative::new(order))?)
+}
+
+/// Whether the SiLU kernels take `x`: f32 or f64 on the CPU.
+pub(crate) fn silu_supported(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
 impl candle_core::CustomOp1 for SiluDerivative {

@@ -54,9 +54,7 @@ impl Activation {
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match *self {
             // f32/f64 on the CPU: one fused op, differentiable to any order (kernels.rs).
-            Self::Silu if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) => {
-                crate::kernels::silu(x)?
-            }
+            Self::Silu if crate::kernels::silu_supported(x) => crate::kernels::silu(x)?,
             Self::Silu => x.silu()?,
             Self::Tanh => x.tanh()?,
             // relu(x) + log(1 + exp(−β|x|))/β: no overflow for large βx.
@@ -75,6 +73,7 @@ impl Activation {
     fn derivative(&self, x: &Tensor) -> Result<Tensor> {
         let sigmoid = |v: &Tensor| -> Result<Tensor> { Ok(candle_nn::ops::sigmoid(v)?) };
         Ok(match *self {
+            Self::Silu if crate::kernels::silu_supported(x) => crate::kernels::silu_derivative(x, 1)?,
             // σ(x)(1 + x(1 − σ(x)))
             Self::Silu => {
                 let s = sigmoid(x)?;
@@ -485,16 +484,13 @@ impl<S: Sde> ScoreModel for MlpScore<S> {
         check_input(x, t, self.config.dim, "MlpScore")?;
         let dtype = self.time.dtype;
         let (x, t) = (x.to_dtype(dtype)?, t.to_dtype(dtype)?);
-        if InferenceScope::active() && dtype == DType::F32 {
-            let sigma = self.sde.std_tensor(&t)?;
-            if let Some(score) = self.fused_score(&x, &t, &sigma)? {
-                return Ok(score);
-            }
+        let sigma = self.sde.std_tensor(&t)?;
+        if let Some(score) = self.fused_score(&x, &t, &sigma)? {
+            return Ok(score);
         }
         let input = Tensor::cat(&[&x, &self.time.forward(&t)?], 1)?;
         let out = self.net.forward(&input)?;
-        let sigma = self.sde.std_tensor(&t)?.unsqueeze(1)?;
-        Ok(out.broadcast_div(&sigma)?)
+        Ok(out.broadcast_div(&sigma.unsqueeze(1)?)?)
     }
 }
 
