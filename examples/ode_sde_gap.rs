@@ -114,7 +114,8 @@ fn main() -> common::BoxResult<()> {
                 return Err(format!("unknown dataset {other}; use checker, circles2, blob or all").into())
             }
         };
-        let penalty = LogDensityFp::paper(half_width)?
+        // The paper's penalty (exact Laplacian, box collocation, boundary term) at 2-core sizes.
+        let penalty = LogDensityFp::new()
             .with_collocation(Collocation::UniformBox {
                 low: -half_width,
                 high: half_width,
