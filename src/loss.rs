@@ -299,6 +299,33 @@ impl Dsm {
         })
     }
 
+    /// The loss as per-sample coefficients at times `t` (`[B]`): `(σ(t), c)` such that
+    /// the loss is `Σ_b c_b‖σ_b s_b + z_b‖²` (weighting and reduction folded into `c`).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::{loss::{Dsm, Reduction}, sde::VpSde};
+    /// let t = Tensor::new(&[0.5f64, 1.0], &Device::Cpu)?;
+    /// let (_sigma, c) = Dsm::default().coefficients(&VpSde::default(), &t)?;
+    /// assert_eq!(c.to_vec1::<f64>()?, [0.5, 0.5]); // σ² weighting, mean over 2
+    /// let (_, c) = Dsm::default().with_reduction(Reduction::Sum).coefficients(&VpSde::default(), &t)?;
+    /// assert_eq!(c.to_vec1::<f64>()?, [1.0, 1.0]);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn coefficients<S: Sde>(&self, sde: &S, t: &Tensor) -> Result<(Tensor, Tensor)> {
+        let sigma = sde.std_tensor(t)?;
+        let weight = match self.weighting {
+            Weighting::SigmaSquared => sigma.ones_like()?,
+            Weighting::Likelihood => (sde.diffusion_tensor(t)? / &sigma)?.sqr()?,
+            Weighting::Constant => sigma.sqr()?.recip()?,
+        };
+        let weight = match self.reduction {
+            Reduction::Mean => (weight / t.dim(0)? as f64)?,
+            Reduction::Sum => weight,
+        };
+        Ok((sigma, weight))
+    }
+
     /// The loss of `model` on `batch`: a scalar tensor, differentiable in the model's
     /// parameters.
     pub fn loss<S: Sde, M: ScoreModel + ?Sized>(

@@ -90,6 +90,7 @@ pub struct Objective<'a, S, M> {
     model: &'a M,
     loss: Dsm,
     penalties: Vec<Penalty<'a, S, M>>,
+    hand_written: bool,
 }
 
 /// An [`Objective`] evaluated on one batch.
@@ -113,7 +114,31 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
             model,
             loss: Dsm::default(),
             penalties: Vec::new(),
+            hand_written: true,
         }
+    }
+
+    /// Whether the trainer may take the model's hand-written gradients
+    /// ([`ScoreModel::objective_gradients`]) when it has them (default: yes). Both ways give
+    /// the same gradients up to rounding; turning it off forces candle's autodiff, to
+    /// compare or to debug.
+    ///
+    /// ```
+    /// use candle_core::Tensor;
+    /// use scoresde::{sde::VpSde, train::Objective};
+    /// let model = |x: &Tensor, _t: &Tensor| Ok(x.neg()?);
+    /// let objective = Objective::new(&VpSde::default(), &model).with_hand_written_gradients(false);
+    /// assert!(!objective.hand_written_gradients());
+    /// ```
+    pub fn with_hand_written_gradients(mut self, allowed: bool) -> Self {
+        self.hand_written = allowed;
+        self
+    }
+
+    /// Whether hand-written gradients may be used (see
+    /// [`Objective::with_hand_written_gradients`]).
+    pub fn hand_written_gradients(&self) -> bool {
+        self.hand_written
     }
 
     /// With the DSM loss `loss` (weighting, time sampling, reduction, `ε`).
@@ -154,6 +179,11 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
     /// noise, then each penalty's) comes from `rng`, in that order.
     pub fn evaluate(&self, x0: &Tensor, rng: &mut dyn RngCore) -> Result<Evaluation> {
         let batch = self.loss.draw(self.sde, x0, rng)?;
+        self.evaluate_batch(batch, rng)
+    }
+
+    /// Every term on an already perturbed batch.
+    fn evaluate_batch(&self, batch: DsmBatch, rng: &mut dyn RngCore) -> Result<Evaluation> {
         let dsm = self.loss.loss(self.sde, self.model, &batch)?;
         let mut total = dsm.clone();
         let mut penalties = Vec::with_capacity(self.penalties.len());
@@ -178,6 +208,172 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
             batch,
         })
     }
+
+    /// The objective on `batch` as per-sample coefficients, for
+    /// [`ScoreModel::objective_gradients`]: `None` unless it has that form (at most one
+    /// penalty, and that one a squared score-FPE residual, see
+    /// [`Regularizer::squared_fpe_weights`]).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use rand::{rngs::StdRng, SeedableRng};
+    /// use scoresde::autodiff::Divergence;
+    /// use scoresde::regularizer::{ScoreFpe, TimeDerivative};
+    /// use scoresde::{sde::VpSde, train::Objective};
+    /// let sde = VpSde::default();
+    /// let model = |x: &Tensor, _t: &Tensor| Ok(x.neg()?);
+    /// let fpe = ScoreFpe::new().with_divergence(Divergence::Exact)?.with_time_derivative(TimeDerivative::Autodiff);
+    /// let objective = Objective::new(&sde, &model).with_penalty(1e-3, fpe)?;
+    /// let x0 = Tensor::new(&[[0.5f64, -0.5], [1.0, 0.0]], &Device::Cpu)?;
+    /// let batch = objective.loss().draw(&sde, &x0, &mut StdRng::seed_from_u64(0))?;
+    /// let terms = objective.terms(&batch)?.expect("DSM plus a squared score-FPE penalty");
+    /// assert_eq!(terms.fpe.map(|f| f.penalty_weight), Some(1e-3));
+    /// // The paper's default (Hutchinson probes, finite differences in t) is graph-only.
+    /// let paper = Objective::new(&sde, &model).with_penalty(1e-3, ScoreFpe::new())?;
+    /// assert!(paper.terms(&batch)?.is_none());
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn terms<'b>(&self, batch: &'b DsmBatch) -> Result<Option<ObjectiveTerms<'b>>> {
+        let fpe = match self.penalties.as_slice() {
+            [] => None,
+            [p] => match p
+                .regularizer
+                .squared_fpe_weights(self.sde, &batch.x_t, &batch.t)?
+            {
+                Some(weight) => {
+                    let t = &batch.t;
+                    Some(FpeCoefficients {
+                        weight: weight.to_dtype(t.dtype())?,
+                        diffusion_squared: self.sde.diffusion_tensor(t)?.sqr()?,
+                        drift: self.sde.drift_coeff_tensor(t)?,
+                        penalty_weight: p.weight,
+                    })
+                }
+                None => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        let (dsm_sigma, dsm_weight) = self.loss.coefficients(self.sde, &batch.t)?;
+        Ok(Some(ObjectiveTerms {
+            batch,
+            dsm_sigma,
+            dsm_weight,
+            fpe,
+        }))
+    }
+
+    /// The objective on a fresh batch from `x0` and its gradient: the model's hand-written
+    /// one when it has it, otherwise candle's autodiff.
+    fn gradients(&self, x0: &Tensor, rng: &mut dyn RngCore) -> Result<(StepValues, StepGradients)> {
+        let batch = self.loss.draw(self.sde, x0, rng)?;
+        if self.hand_written {
+            if let Some(terms) = self.terms(&batch)? {
+                if let Some(out) = self.model.objective_gradients(&terms)? {
+                    let loss = out.dsm + out.penalty.map_or(0.0, |p| p * self.penalties[0].weight);
+                    let values = StepValues {
+                        loss,
+                        dsm: out.dsm,
+                        penalties: out.penalty.into_iter().collect(),
+                    };
+                    let grads = out.gradients.into_iter().map(|(v, g)| (v.id(), g)).collect();
+                    return Ok((values, StepGradients::HandWritten(grads)));
+                }
+            }
+        }
+        let value = self.evaluate_batch(batch, rng)?;
+        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let values = StepValues {
+            loss: scalar(&value.total)?,
+            dsm: scalar(&value.dsm)?,
+            penalties: value.penalties.iter().map(scalar).collect::<Result<_>>()?,
+        };
+        if !values.loss.is_finite() {
+            // No backward pass through a graph that is already NaN.
+            return Ok((values, StepGradients::HandWritten(HashMap::new())));
+        }
+        Ok((values, StepGradients::Graph(value.total.backward()?)))
+    }
+}
+
+/// The scalar terms of one step.
+struct StepValues {
+    loss: f64,
+    dsm: f64,
+    penalties: Vec<f64>,
+}
+
+/// A step's gradients, keyed by variable.
+enum StepGradients {
+    Graph(candle_core::backprop::GradStore),
+    HandWritten(HashMap<candle_core::TensorId, Tensor>),
+}
+
+impl StepGradients {
+    fn get(&self, var: &Tensor) -> Option<&Tensor> {
+        match self {
+            Self::Graph(store) => store.get(var),
+            Self::HandWritten(map) => map.get(&var.id()),
+        }
+    }
+}
+
+/// An [`Objective`] on one perturbed batch as per-sample coefficients: what a model with
+/// a hand-written training pass ([`ScoreModel::objective_gradients`]) computes.
+///
+/// With `s_b = s(x_b, t_b)` and the batch's noise `z_b`, the objective is
+///
+/// ```text
+/// Σ_b dsm_weight_b ‖dsm_sigma_b·s_b + z_b‖²  +  λ·Σ_b w_b‖r_b‖²      (the second with `fpe`)
+/// r = ∂ₜs − ∇ₓ[½g²(∇·s + ‖s‖²) − a⟨x, s⟩]                             (ScoreFpe's residual)
+/// ```
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use scoresde::{ScoreModel, sde::VpSde, train::{Objective, ObjectiveTerms}};
+/// // A model without a hand-written pass: the trainer uses autodiff.
+/// let model = |x: &Tensor, _t: &Tensor| Ok(x.neg()?);
+/// # let _ = Objective::new(&VpSde::default(), &model);
+/// fn has_hand_written<M: ScoreModel>(m: &M, terms: &ObjectiveTerms<'_>) -> scoresde::Result<bool> {
+///     Ok(m.objective_gradients(terms)?.is_some())
+/// }
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ObjectiveTerms<'a> {
+    /// The perturbed batch: `x_t`, `t`, and the noise `z`.
+    pub batch: &'a DsmBatch,
+    /// The DSM loss's `σ(t)`, shape `[B]`.
+    pub dsm_sigma: Tensor,
+    /// The DSM loss's per-sample weight (its time weighting and batch reduction), `[B]`.
+    pub dsm_weight: Tensor,
+    /// The score-FPE penalty, if the objective has one.
+    pub fpe: Option<FpeCoefficients>,
+}
+
+/// The score-FPE penalty `Σ_b w_b‖r_b‖²` of [`ObjectiveTerms`]; tensors have shape `[B]`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FpeCoefficients {
+    /// The per-sample weights `w_b`.
+    pub weight: Tensor,
+    /// `g(t)²` of the objective's SDE.
+    pub diffusion_squared: Tensor,
+    /// The drift coefficient `a(t)` of the SDE's drift `f(x, t) = a(t)x`.
+    pub drift: Tensor,
+    /// The penalty's weight `λ` in the objective.
+    pub penalty_weight: f64,
+}
+
+/// What [`ScoreModel::objective_gradients`] returns.
+#[derive(Debug, Clone)]
+pub struct ObjectiveGradients {
+    /// The DSM term.
+    pub dsm: f64,
+    /// The unweighted penalty `Σ_b w_b‖r_b‖²`, when the terms have one.
+    pub penalty: Option<f64>,
+    /// `(variable, gradient of DSM + λ·penalty)` for every variable the objective depends
+    /// on: the variable as its tensor (`Var::as_tensor`), so that it is found by id.
+    pub gradients: Vec<(Tensor, Tensor)>,
 }
 
 /// The trainer's settings. Defaults are the peers' benchmark workload (AdamW with
@@ -502,20 +698,11 @@ impl Trainer {
             )));
         }
         let x0 = x0.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let value = objective.evaluate(&x0, &mut rng).map_err(at_step)?;
-
-        let loss = value.total.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let (values, grads) = objective.gradients(&x0, &mut rng).map_err(at_step)?;
+        let StepValues { loss, dsm, penalties } = values;
         if !loss.is_finite() {
             return Err(Error::NonFiniteLoss { step, loss });
         }
-        let dsm = value.dsm.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let penalties = value
-            .penalties
-            .iter()
-            .map(|p| Ok(p.to_dtype(DType::F64)?.to_scalar::<f64>()?))
-            .collect::<Result<Vec<f64>>>()?;
-
-        let grads = value.total.backward()?;
         let mut norm_sq = 0.0;
         let mut untrained = Vec::new();
         let mut gradients = Vec::with_capacity(self.params.len());

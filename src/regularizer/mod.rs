@@ -53,6 +53,15 @@ use crate::Result;
 pub trait Regularizer<S: Sde, M> {
     /// The penalty: a scalar tensor.
     fn penalty(&self, sde: &S, model: &M, x_t: &Tensor, t: &Tensor, rng: &mut dyn RngCore) -> Result<Tensor>;
+
+    /// Per-sample weights `w_b` (shape `[B]`) when the penalty at these points is exactly
+    /// `Σ_b w_b‖r_b‖²` for [`ScoreFpe`]'s residual `r` (exact divergence, autodiff time
+    /// derivative) and draws nothing from its `rng`. Models with a hand-written training
+    /// pass ([`ScoreModel::objective_gradients`](crate::ScoreModel::objective_gradients))
+    /// then compute it without a graph. The default, `None`, keeps the graph.
+    fn squared_fpe_weights(&self, _sde: &S, _x_t: &Tensor, _t: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// Restricts a penalty to the points whose time lies in `[from, to]`.
@@ -132,5 +141,29 @@ impl<S: Sde, M, R: Regularizer<S, M>> Regularizer<S, M> for TimeWindow<R> {
             rng,
         )?;
         Ok((penalty * fraction)?)
+    }
+
+    /// The inner weights on the points inside the window, scaled by the fraction inside;
+    /// zero outside.
+    fn squared_fpe_weights(&self, sde: &S, x_t: &Tensor, t: &Tensor) -> Result<Option<Tensor>> {
+        let times = t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+        let inside: Vec<u32> = (0..times.len() as u32)
+            .filter(|&i| (self.from..=self.to).contains(&times[i as usize]))
+            .collect();
+        if inside.is_empty() {
+            return Ok(Some(t.zeros_like()?));
+        }
+        let fraction = inside.len() as f64 / times.len() as f64;
+        let rows = Tensor::new(inside, x_t.device())?;
+        let Some(selected) = self.inner.squared_fpe_weights(
+            sde,
+            &x_t.index_select(&rows, 0)?,
+            &t.index_select(&rows, 0)?,
+        )?
+        else {
+            return Ok(None);
+        };
+        let scaled = (selected.to_dtype(t.dtype())? * fraction)?;
+        Ok(Some(t.zeros_like()?.index_add(&rows, &scaled, 0)?))
     }
 }

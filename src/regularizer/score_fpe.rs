@@ -273,6 +273,28 @@ impl<S: Sde, M: ScoreModel> Regularizer<S, M> for ScoreFpe {
         }
         Ok(penalty)
     }
+
+    /// `w(t)/(B·d^m)` with `m = 2`, when the penalty has the squared form: power 2, no
+    /// scalar term, exact divergence, autodiff `∂ₜs`.
+    fn squared_fpe_weights(&self, sde: &S, x_t: &Tensor, t: &Tensor) -> Result<Option<Tensor>> {
+        if self.power != 2.0
+            || self.scalar_weight != 0.0
+            || self.divergence != Divergence::Exact
+            || self.time_derivative != TimeDerivative::Autodiff
+        {
+            return Ok(None);
+        }
+        check_points(x_t, t)?;
+        let batch = x_t.dim(0)? as f64;
+        let d = x_t.elem_count() as f64 / batch;
+        let scale = if self.normalize { batch * d * d } else { batch };
+        let weight = match self.weighting {
+            TimeWeighting::Constant => t.ones_like()?,
+            TimeWeighting::Diffusion => sde.diffusion_tensor(t)?,
+            TimeWeighting::DiffusionSquared => sde.diffusion_tensor(t)?.sqr()?,
+        };
+        Ok(Some((weight / scale)?))
+    }
 }
 
 /// Checks collocation points: `x` of shape `[B, …]`, `t` of shape `[B]`, finite, float.

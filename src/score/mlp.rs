@@ -6,14 +6,16 @@
 //! network. Variables that already exist in the builder (a loaded checkpoint, or a second
 //! model on the same `VarMap`) are used as they are.
 
-use candle_core::{CpuStorage, DType, Module, Storage, Tensor, D};
+use candle_core::{DType, Module, Storage, Tensor, WithDType, D};
 use candle_nn::{Init, Linear, VarBuilder};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
 use super::{LogDensityModel, ScoreModel};
 use crate::error::ensure;
+use crate::kernels::training::{Batch, FpeCoefficients, Layer, Real, ScoreMlp};
 use crate::kernels::{DenseView, InferenceScope, Pointwise, ScoreMlpView};
+use crate::train::{ObjectiveGradients, ObjectiveTerms};
 use crate::sde::Sde;
 use crate::{Error, Result};
 
@@ -413,11 +415,6 @@ impl<S: Sde> MlpScore<S> {
     /// the variables in place, so trained or loaded weights are always the current ones.
     /// `None` when any condition fails (the caller then uses candle ops).
     fn fused_score(&self, x: &Tensor, t: &Tensor, sigma: &Tensor) -> Result<Option<Tensor>> {
-        let activation = match self.config.activation {
-            Activation::Silu => Pointwise::Silu,
-            Activation::Tanh => Pointwise::Tanh,
-            _ => return Ok(None),
-        };
         if !InferenceScope::active()
             || x.dtype() != DType::F32
             || !x.device().is_cpu()
@@ -426,16 +423,60 @@ impl<S: Sde> MlpScore<S> {
         {
             return Ok(None);
         }
-        let layers: Vec<(&Linear, Pointwise)> = self
-            .net
-            .hidden
-            .iter()
-            .map(|l| (l, activation))
-            .chain([(&self.net.output, Pointwise::Identity)])
-            .collect();
-        // Read guards on every variable's storage, held while the kernel runs.
+        let x_values = x.flatten_all()?.to_vec1::<f32>()?;
+        let t_values = t.to_vec1::<f32>()?;
+        let sigma_values = sigma.to_vec1::<f32>()?;
+        let mut out = vec![0.0f32; x_values.len()];
+        let done = self.with_parameters(|network: ScoreMlp<'_, f32>| {
+            fn dense<'a>(l: &Layer<'a, f32>, activation: Pointwise) -> DenseView<'a> {
+                DenseView {
+                    weight: l.weight,
+                    bias: l.bias,
+                    inputs: l.inputs,
+                    outputs: l.outputs,
+                    activation,
+                }
+            }
+            let view = ScoreMlpView {
+                dim: network.dim,
+                frequencies: network.frequencies,
+                layers: network
+                    .hidden
+                    .iter()
+                    .map(|l| dense(l, network.activation))
+                    .chain([dense(&network.output, Pointwise::Identity)])
+                    .collect(),
+            };
+            view.forward(&x_values, &t_values, &sigma_values, &mut out)
+        })?;
+        if done.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
+    }
+
+    /// The hidden layers' activation, if the kernels implement it.
+    fn kernel_activation(&self) -> Option<Pointwise> {
+        match self.config.activation {
+            Activation::Silu => Some(Pointwise::Silu),
+            Activation::Tanh => Some(Pointwise::Tanh),
+            _ => None,
+        }
+    }
+
+    /// Runs `f` on the variables' values read in place (the frequencies, then the layers),
+    /// holding read guards on their storage: `None` unless every variable is a contiguous
+    /// CPU tensor of type `T` and every layer has a bias.
+    fn with_parameters<T: WithDType + Real, R>(
+        &self,
+        f: impl FnOnce(ScoreMlp<'_, T>) -> Result<R>,
+    ) -> Result<Option<R>> {
+        let Some(activation) = self.kernel_activation() else {
+            return Ok(None);
+        };
+        let linears: Vec<&Linear> = self.net.hidden.iter().chain([&self.net.output]).collect();
         let mut tensors = vec![&self.time.frequencies];
-        for (layer, _) in &layers {
+        for layer in &linears {
             match layer.bias() {
                 Some(bias) => tensors.extend([layer.weight(), bias]),
                 None => return Ok(None),
@@ -444,38 +485,107 @@ impl<S: Sde> MlpScore<S> {
         let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
         let mut slices = Vec::with_capacity(guards.len());
         for ((storage, layout), tensor) in guards.iter().zip(&tensors) {
-            let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
-                (&**storage, layout.contiguous_offsets())
-            else {
+            let (Storage::Cpu(cpu), Some((start, end))) = (&**storage, layout.contiguous_offsets()) else {
+                return Ok(None);
+            };
+            let Ok(data) = T::cpu_storage_as_slice(cpu) else {
                 return Ok(None);
             };
             debug_assert_eq!(end - start, tensor.elem_count());
             slices.push(&data[start..end]);
         }
-        let view = ScoreMlpView {
+        let mut layers = linears
+            .iter()
+            .zip(slices[1..].chunks_exact(2))
+            .map(|(layer, wb)| {
+                let (outputs, inputs) = layer.weight().dims2()?;
+                Ok(Layer {
+                    weight: wb[0],
+                    bias: wb[1],
+                    inputs,
+                    outputs,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let Some(output) = layers.pop() else {
+            return Ok(None);
+        };
+        let network = ScoreMlp {
             dim: self.config.dim,
             frequencies: slices[0],
-            layers: layers
-                .iter()
-                .zip(slices[1..].chunks_exact(2))
-                .map(|((layer, act), wb)| {
-                    let (outputs, inputs) = layer.weight().dims2()?;
-                    Ok(DenseView {
-                        weight: wb[0],
-                        bias: wb[1],
-                        inputs,
-                        outputs,
-                        activation: *act,
-                    })
-                })
-                .collect::<Result<_>>()?,
+            hidden: layers,
+            output,
+            activation,
         };
-        let x_values = x.flatten_all()?.to_vec1::<f32>()?;
-        let t_values = t.to_vec1::<f32>()?;
-        let sigma_values = sigma.to_vec1::<f32>()?;
-        let mut out = vec![0.0f32; x_values.len()];
-        view.forward(&x_values, &t_values, &sigma_values, &mut out)?;
-        Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
+        f(network).map(Some)
+    }
+
+    /// [`ScoreModel::objective_gradients`] in `T`.
+    fn hand_written_gradients<T: WithDType + Real>(
+        &self,
+        terms: &ObjectiveTerms<'_>,
+    ) -> Result<Option<ObjectiveGradients>> {
+        let batch = terms.batch;
+        if !batch.x_t.device().is_cpu() || self.kernel_activation().is_none() {
+            return Ok(None);
+        }
+        check_input(&batch.x_t, &batch.t, self.config.dim, "MlpScore")?;
+        let dtype = T::DTYPE;
+        let values = |t: &Tensor| -> Result<Vec<T>> { Ok(t.flatten_all()?.to_dtype(dtype)?.to_vec1::<T>()?) };
+        let t = batch.t.to_dtype(dtype)?.detach();
+        let sigma = self.sde.std_tensor(&t)?;
+        let sigma_dot = match terms.fpe {
+            // dσ/dt by autodiff through the SDE's σ(t).
+            Some(_) => {
+                let leaf = candle_core::Var::from_tensor(&t)?;
+                let grads = self.sde.std_tensor(leaf.as_tensor())?.sum_all()?.backward()?;
+                match grads.get(leaf.as_tensor()) {
+                    Some(g) => values(g)?,
+                    None => vec![T::zero(); t.dim(0)?],
+                }
+            }
+            None => Vec::new(),
+        };
+        let fpe_values = match &terms.fpe {
+            Some(f) => Some((values(&f.weight)?, values(&f.diffusion_squared)?, values(&f.drift)?)),
+            None => None,
+        };
+        let (x, times, noise) = (values(&batch.x_t)?, values(&t)?, values(&batch.noise)?);
+        let (sigma, dsm_sigma, dsm_weight) = (values(&sigma)?, values(&terms.dsm_sigma)?, values(&terms.dsm_weight)?);
+        let penalty_weight = terms.fpe.as_ref().map_or(0.0, |f| f.penalty_weight);
+        let kernel_batch = Batch {
+            x: &x,
+            t: &times,
+            noise: &noise,
+            sigma: &sigma,
+            sigma_dot: &sigma_dot,
+            dsm_sigma: &dsm_sigma,
+            dsm_weight: &dsm_weight,
+            fpe: fpe_values.as_ref().map(|(weight, g2, drift)| FpeCoefficients {
+                weight,
+                diffusion_squared: g2,
+                drift,
+                penalty_weight: T::from(penalty_weight).unwrap_or_else(T::nan),
+            }),
+        };
+        let Some(out) = self.with_parameters(|network| network.gradients(&kernel_batch))? else {
+            return Ok(None);
+        };
+        let device = batch.x_t.device();
+        let mut gradients = Vec::with_capacity(2 * out.weights.len());
+        let linears = self.net.hidden.iter().chain([&self.net.output]);
+        for ((layer, w), b) in linears.zip(out.weights).zip(out.biases) {
+            let weight = layer.weight();
+            gradients.push((weight.clone(), Tensor::from_vec(w, weight.shape(), device)?));
+            if let Some(bias) = layer.bias() {
+                gradients.push((bias.clone(), Tensor::from_vec(b, bias.shape(), device)?));
+            }
+        }
+        Ok(Some(ObjectiveGradients {
+            dsm: out.dsm,
+            penalty: terms.fpe.as_ref().map(|_| out.penalty),
+            gradients,
+        }))
     }
 }
 
@@ -492,8 +602,18 @@ impl<S: Sde> ScoreModel for MlpScore<S> {
         let out = self.net.forward(&input)?;
         Ok(out.broadcast_div(&sigma.unsqueeze(1)?)?)
     }
-}
 
+    /// By hand (`kernels::training`) when the variables are f32 or f64 on the CPU and the
+    /// activation is SiLU or tanh: a forward pass carrying the input derivatives the
+    /// penalty needs alongside the values, then one reverse pass.
+    fn objective_gradients(&self, terms: &ObjectiveTerms<'_>) -> Result<Option<ObjectiveGradients>> {
+        match self.time.dtype {
+            DType::F32 => self.hand_written_gradients::<f32>(terms),
+            DType::F64 => self.hand_written_gradients::<f64>(terms),
+            _ => Ok(None),
+        }
+    }
+}
 /// Configuration of [`MlpPotential`]. The default is the network of Deveney et al. (2025):
 /// 2-D data, 3 hidden layers of 80, Softplus with `β = 100`.
 ///

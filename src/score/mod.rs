@@ -11,6 +11,7 @@
 
 use candle_core::Tensor;
 
+use crate::train::{ObjectiveGradients, ObjectiveTerms};
 use crate::Result;
 
 mod potential;
@@ -34,6 +35,18 @@ pub use potential::GradientScore;
 pub trait ScoreModel {
     /// The score at points `x` (shape `[B, …]`) and times `t` (shape `[B]`).
     fn score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor>;
+
+    /// A training objective's value and its gradient with respect to the model's
+    /// variables, by a hand-written pass instead of candle's autodiff, for models that
+    /// have one. The default, `Ok(None)`, means "build the graph", which is always right;
+    /// the [`Trainer`](crate::train::Trainer) asks first and falls back to autodiff.
+    ///
+    /// [`MlpScore`] has one (f32 or f64 on the CPU, SiLU or tanh; see its docs), for DSM
+    /// and for DSM plus a squared score-FPE penalty. An implementation must return what
+    /// autodiff would, to rounding, for every variable the objective depends on.
+    fn objective_gradients(&self, _terms: &ObjectiveTerms<'_>) -> Result<Option<ObjectiveGradients>> {
+        Ok(None)
+    }
 }
 
 impl<F> ScoreModel for F

@@ -7,6 +7,9 @@
 //! `gemm` crate, AVX-512 when available) into a reused buffer, followed by one pass that
 //! adds the bias and applies the activation in place, vectorized with run-time dispatch.
 //! Only f32, only the forward pass: callers fall back to candle ops for everything else.
+//!
+//! [`training`] does the same for a training step of the score MLP (f32 and f64): the DSM
+//! loss, the score-FPE penalty, and their weight gradients, by hand.
 
 use std::cell::{Cell, RefCell};
 
@@ -14,6 +17,8 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::{Error, Result};
+
+pub(crate) mod training;
 
 thread_local! {
     static INFERENCE_DEPTH: Cell<usize> = const { Cell::new(0) };

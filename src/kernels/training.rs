@@ -1,0 +1,561 @@
+//! The score MLP's training step by hand: the DSM loss, optionally with the squared
+//! score-FPE residual, and the gradients of both with respect to every weight.
+//!
+//! Through candle ops a DSM step is ~250 graph nodes and an FPE step, whose penalty needs
+//! third derivatives (∂ₓ∇·s, then the weights' gradient of that), several thousand; each
+//! node allocates, and the backward pass zero-fills a buffer per node. Here the network's
+//! input derivatives are carried forward as *jets*: next to each activation `a` travel
+//! `∂a/∂xₖ` (`d` of them), `∂a/∂t` and `∂²a/∂xⱼ∂xₖ` (`j ≤ k`), stacked row-wise so every
+//! layer is one gemm over all of them. The objective is assembled per sample from the
+//! output jets, and one reverse pass through the same layers gives the weight gradients:
+//! per layer three gemms (forward, weight gradient, input adjoint) and a few elementwise
+//! passes, into buffers that live for the step.
+//!
+//! Jets of a layer `z = W a + b` are `W aₚ` (the bias only enters the value); through an
+//! activation `ψ`, with `ψ⁽ⁿ⁾` at the value `z`:
+//!
+//! ```text
+//! a = ψ(z),   aₚ = ψ'·zₚ  (p = xₖ or t),   aⱼₖ = ψ''·zⱼzₖ + ψ'·zⱼₖ
+//! ```
+//!
+//! and their adjoints (`ā` given, `z̄` wanted):
+//!
+//! ```text
+//! z̄ⱼₖ = ψ'·āⱼₖ
+//! z̄ₚ  = ψ'·āₚ + ψ''·Σ_{pairs ∋ p} (the other factor)·āⱼₖ
+//! z̄   = ψ'·ā + ψ''·Σₚ zₚāₚ + Σⱼₖ āⱼₖ(ψ'''·zⱼzₖ + ψ''·zⱼₖ)
+//! ```
+
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::Pointwise;
+use crate::{Error, Result};
+
+/// The float types the training kernel runs in.
+pub(crate) trait Real: Float + Send + Sync + std::fmt::Debug + 'static {}
+impl Real for f32 {}
+impl Real for f64 {}
+
+/// A dense layer `z = W a + b` read in place: `weight` row-major `[outputs, inputs]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layer<'a, T> {
+    pub(crate) weight: &'a [T],
+    pub(crate) bias: &'a [T],
+    pub(crate) inputs: usize,
+    pub(crate) outputs: usize,
+}
+
+/// `s(x, t) = MLP([x, sin(2πtw), cos(2πtw)]) / σ(t)`: `MlpScore`'s layout.
+#[derive(Debug, Clone)]
+pub(crate) struct ScoreMlp<'a, T> {
+    pub(crate) dim: usize,
+    pub(crate) frequencies: &'a [T],
+    pub(crate) hidden: Vec<Layer<'a, T>>,
+    pub(crate) output: Layer<'a, T>,
+    /// The hidden layers' activation (`Silu` or `Tanh`).
+    pub(crate) activation: Pointwise,
+}
+
+/// The score-FPE part of the objective: `Σ_b weight_b ‖r_b‖²` with
+/// `r = ∂ₜs − ∇ₓ[½g²(∇·s + ‖s‖²) − a⟨x, s⟩]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FpeCoefficients<'a, T> {
+    pub(crate) weight: &'a [T],
+    /// `g(t)²` of the objective's SDE.
+    pub(crate) diffusion_squared: &'a [T],
+    /// The drift coefficient `a(t)` of `f = a(t)x`.
+    pub(crate) drift: &'a [T],
+    /// `λ`: the gradient is that of `DSM + λ·penalty`.
+    pub(crate) penalty_weight: T,
+}
+
+/// One training batch and the objective's per-sample coefficients.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Batch<'a, T> {
+    /// `[B, d]` row-major.
+    pub(crate) x: &'a [T],
+    pub(crate) t: &'a [T],
+    /// `[B, d]`: the DSM noise `z`.
+    pub(crate) noise: &'a [T],
+    /// The model's `σ(t)` (its output is divided by it) and `dσ/dt` (read with `fpe` only).
+    pub(crate) sigma: &'a [T],
+    pub(crate) sigma_dot: &'a [T],
+    /// DSM: `Σ_b dsm_weight_b ‖dsm_sigma_b·s_b + z_b‖²`.
+    pub(crate) dsm_sigma: &'a [T],
+    pub(crate) dsm_weight: &'a [T],
+    pub(crate) fpe: Option<FpeCoefficients<'a, T>>,
+}
+
+/// The objective's terms and its gradient, layer by layer (hidden layers, then output).
+#[derive(Debug, Clone)]
+pub(crate) struct Gradients<T> {
+    pub(crate) dsm: f64,
+    pub(crate) penalty: f64,
+    pub(crate) weights: Vec<Vec<T>>,
+    pub(crate) biases: Vec<Vec<T>>,
+}
+
+/// Which jets travel with the values: just the value (DSM), or the value, `d` first
+/// derivatives in x, one in t, and the `d(d+1)/2` second derivatives in x (FPE).
+#[derive(Debug, Clone)]
+struct Jets {
+    dim: usize,
+    count: usize,
+    /// `(j, k)`, `j ≤ k`, for jet `first_pair + i`.
+    pairs: Vec<(usize, usize)>,
+}
+
+impl Jets {
+    fn new(dim: usize, fpe: bool) -> Self {
+        if !fpe {
+            return Self {
+                dim,
+                count: 1,
+                pairs: Vec::new(),
+            };
+        }
+        let pairs: Vec<(usize, usize)> = (0..dim).flat_map(|j| (j..dim).map(move |k| (j, k))).collect();
+        Self {
+            dim,
+            count: 2 + dim + pairs.len(),
+            pairs,
+        }
+    }
+    fn x(&self, k: usize) -> usize {
+        1 + k
+    }
+    fn t(&self) -> usize {
+        1 + self.dim
+    }
+    fn pair(&self, i: usize) -> usize {
+        2 + self.dim + i
+    }
+    /// The first-order jets (x directions, then t).
+    fn first_order(&self) -> std::ops::Range<usize> {
+        if self.count == 1 {
+            1..1
+        } else {
+            1..2 + self.dim
+        }
+    }
+}
+
+/// `ψ, ψ', ψ'', ψ'''` at `z`.
+#[inline]
+fn activation_derivatives<T: Real>(activation: Pointwise, z: T) -> [T; 4] {
+    let one = T::one();
+    let two = one + one;
+    match activation {
+        Pointwise::Silu => {
+            let s = one / (one + (-z).exp());
+            let u = s * (one - s);
+            let c = one - two * s;
+            [
+                z * s,
+                s * (one + z * (one - s)),
+                u * (two + z * c),
+                u * (c * (two + one + z * c) - two * z * u),
+            ]
+        }
+        Pointwise::Tanh => {
+            let y = z.tanh();
+            let d1 = one - y * y;
+            [y, d1, -two * y * d1, d1 * ((two + two + two) * y * y - two)]
+        }
+        Pointwise::Identity => [z, one, T::zero(), T::zero()],
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with explicit (column, row) strides.
+///
+/// # Safety
+/// Every index `i·rs + j·cs` reached for the given sizes must lie inside the slice.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: &[T],
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: &[T],
+    (rhs_cs, rhs_rs): (usize, usize),
+) {
+    debug_assert!(dst.len() >= m * n);
+    debug_assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    debug_assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    let parallelism = if m * n * k >= 1 << 20 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        n as isize,
+        accumulate,
+        lhs.as_ptr(),
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs.as_ptr(),
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// `out[rows, outputs] = input[rows, inputs] · Wᵀ`.
+fn forward_linear<T: Real>(layer: &Layer<'_, T>, input: &[T], rows: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); rows * layer.outputs];
+    // SAFETY: input is [rows, inputs] row-major (cs 1, rs inputs); Wᵀ is [inputs, outputs]
+    // read from W [outputs, inputs] (cs inputs, rs 1); out is [rows, outputs].
+    unsafe {
+        matmul(
+            (rows, layer.outputs, layer.inputs),
+            &mut out,
+            false,
+            input,
+            (1, layer.inputs),
+            layer.weight,
+            (layer.inputs, 1),
+        )
+    };
+    out
+}
+
+/// The weight gradient `Z̄ᵀ A` (`[outputs, inputs]`) and the input adjoint `Z̄ W`
+/// (`[rows, inputs]`, skipped for the first layer).
+fn backward_linear<T: Real>(
+    layer: &Layer<'_, T>,
+    adjoint: &[T],
+    input: &[T],
+    rows: usize,
+    need_input: bool,
+) -> (Vec<T>, Option<Vec<T>>) {
+    let (o, i) = (layer.outputs, layer.inputs);
+    let mut weight = vec![T::zero(); o * i];
+    // SAFETY: Z̄ᵀ is [outputs, rows] read from Z̄ [rows, outputs] (cs outputs, rs 1); A is
+    // [rows, inputs] (cs 1, rs inputs); the result [outputs, inputs].
+    unsafe { matmul((o, i, rows), &mut weight, false, adjoint, (o, 1), input, (1, i)) };
+    let input_adjoint = need_input.then(|| {
+        let mut out = vec![T::zero(); rows * i];
+        // SAFETY: Z̄ [rows, outputs] (cs 1, rs outputs); W [outputs, inputs] (cs 1, rs inputs).
+        unsafe { matmul((rows, i, o), &mut out, false, adjoint, (1, o), layer.weight, (1, i)) };
+        out
+    });
+    (weight, input_adjoint)
+}
+
+/// Column sums of the first `rows` rows of a `[_, width]` buffer (the bias gradient).
+fn column_sums<T: Real>(buffer: &[T], rows: usize, width: usize) -> Vec<T> {
+    let mut sums = vec![T::zero(); width];
+    for row in buffer[..rows * width].chunks_exact(width) {
+        sums.iter_mut().zip(row).for_each(|(s, &v)| *s = *s + v);
+    }
+    sums
+}
+
+/// What the forward pass keeps for the reverse pass, per hidden layer.
+struct HiddenState<T> {
+    /// Pre-activation jets `[J·B, width]`.
+    pre: Vec<T>,
+    /// `ψ', ψ'', ψ'''` at the values, `[B, width]` each.
+    slopes: [Vec<T>; 3],
+}
+
+impl<T: Real> ScoreMlp<'_, T> {
+    fn validate(&self, batch: &Batch<'_, T>) -> Result<usize> {
+        let d = self.dim;
+        let rows = batch.t.len();
+        let mut inputs = d + 2 * self.frequencies.len();
+        for layer in self.hidden.iter().chain([&self.output]) {
+            if layer.inputs != inputs
+                || layer.weight.len() != layer.inputs * layer.outputs
+                || layer.bias.len() != layer.outputs
+            {
+                return Err(Error::Shape("the score network's layers do not fit together".into()));
+            }
+            inputs = layer.outputs;
+        }
+        let per_row = [batch.sigma, batch.dsm_sigma, batch.dsm_weight];
+        let mut ok = self.output.outputs == d
+            && batch.x.len() == rows * d
+            && batch.noise.len() == rows * d
+            && per_row.iter().all(|v| v.len() == rows);
+        if let Some(fpe) = &batch.fpe {
+            ok &= [batch.sigma_dot, fpe.weight, fpe.diffusion_squared, fpe.drift]
+                .iter()
+                .all(|v| v.len() == rows);
+        }
+        if !ok {
+            return Err(Error::Shape("training kernel: inputs of different lengths".into()));
+        }
+        Ok(rows)
+    }
+
+    /// The objective's value and its gradient with respect to every weight and bias.
+    pub(crate) fn gradients(&self, batch: &Batch<'_, T>) -> Result<Gradients<T>> {
+        let rows = self.validate(batch)?;
+        let jets = Jets::new(self.dim, batch.fpe.is_some());
+        let jet_rows = jets.count * rows;
+
+        // Forward: the input jets, then every hidden layer's.
+        let mut activations = vec![self.input_jets(batch, &jets)];
+        let mut states = Vec::with_capacity(self.hidden.len());
+        for layer in &self.hidden {
+            let input = activations.last().map(Vec::as_slice).unwrap_or_default();
+            let mut pre = forward_linear(layer, input, jet_rows);
+            for row in pre[..rows * layer.outputs].chunks_exact_mut(layer.outputs) {
+                row.iter_mut().zip(layer.bias).for_each(|(v, &b)| *v = *v + b);
+            }
+            let (out, slopes) = self.activate(&pre, rows, layer.outputs, &jets);
+            activations.push(out);
+            states.push(HiddenState { pre, slopes });
+        }
+        let last = activations.last().map(Vec::as_slice).unwrap_or_default();
+        let mut net = forward_linear(&self.output, last, jet_rows);
+        for row in net[..rows * self.dim].chunks_exact_mut(self.dim) {
+            row.iter_mut().zip(self.output.bias).for_each(|(v, &b)| *v = *v + b);
+        }
+
+        // The objective and its adjoint with respect to the output jets.
+        let (dsm, penalty, net_adjoint) = self.objective(batch, &net, &jets);
+
+        // Reverse.
+        let layers = self.hidden.len() + 1;
+        let mut weights = Vec::with_capacity(layers);
+        let mut biases = Vec::with_capacity(layers);
+        let (w, mut adjoint) = backward_linear(&self.output, &net_adjoint, last, jet_rows, true);
+        weights.push(w);
+        biases.push(column_sums(&net_adjoint, rows, self.dim));
+        for (l, (layer, state)) in self.hidden.iter().zip(&states).enumerate().rev() {
+            let post = adjoint.take().unwrap_or_default();
+            let pre_adjoint = self.activation_adjoint(&post, state, rows, layer.outputs, &jets);
+            let (w, a) = backward_linear(layer, &pre_adjoint, &activations[l], jet_rows, l > 0);
+            weights.push(w);
+            biases.push(column_sums(&pre_adjoint, rows, layer.outputs));
+            adjoint = a;
+        }
+        weights.reverse();
+        biases.reverse();
+        Ok(Gradients {
+            dsm,
+            penalty,
+            weights,
+            biases,
+        })
+    }
+
+    /// `[x, sin(2πtw), cos(2πtw)]` and, with FPE, its jets: `∂/∂xₖ` is the unit vector
+    /// `eₖ`, `∂/∂t = [0, 2πw·cos, −2πw·sin]`, second derivatives zero.
+    fn input_jets(&self, batch: &Batch<'_, T>, jets: &Jets) -> Vec<T> {
+        let d = self.dim;
+        let half = self.frequencies.len();
+        let width = d + 2 * half;
+        let rows = batch.t.len();
+        let mut input = vec![T::zero(); jets.count * rows * width];
+        let two_pi = T::from(2.0 * std::f64::consts::PI).unwrap_or_else(T::zero);
+        for (b, (&t, x)) in batch.t.iter().zip(batch.x.chunks_exact(d)).enumerate() {
+            let row = &mut input[b * width..(b + 1) * width];
+            row[..d].copy_from_slice(x);
+            for (i, &w) in self.frequencies.iter().enumerate() {
+                // As candle computes it: (t·w)·2π.
+                let phase = t * w * two_pi;
+                row[d + i] = phase.sin();
+                row[d + half + i] = phase.cos();
+            }
+            if jets.count == 1 {
+                continue;
+            }
+            for k in 0..d {
+                input[(jets.x(k) * rows + b) * width + k] = T::one();
+            }
+            let start = (jets.t() * rows + b) * width;
+            for (i, &w) in self.frequencies.iter().enumerate() {
+                let (sin, cos) = (input[b * width + d + i], input[b * width + d + half + i]);
+                input[start + d + i] = cos * two_pi * w;
+                input[start + d + half + i] = -sin * two_pi * w;
+            }
+        }
+        input
+    }
+
+    /// The activation jets of pre-activation jets `pre` (`[J·B, width]`) and the slopes.
+    fn activate(&self, pre: &[T], rows: usize, width: usize, jets: &Jets) -> (Vec<T>, [Vec<T>; 3]) {
+        let n = rows * width;
+        let mut out = vec![T::zero(); jets.count * n];
+        let mut slopes = [vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]];
+        {
+            let [d1, d2, d3] = &mut slopes;
+            for i in 0..n {
+                let [v, a, b, c] = activation_derivatives(self.activation, pre[i]);
+                out[i] = v;
+                d1[i] = a;
+                d2[i] = b;
+                d3[i] = c;
+            }
+        }
+        let rest = &mut out[n..];
+        let block = |j: usize| &pre[j * n..(j + 1) * n];
+        let [d1, d2, _] = &slopes;
+        let blocks = rest.par_chunks_mut(n).enumerate();
+        blocks.for_each(|(m, dst)| {
+            let j = m + 1;
+            if jets.first_order().contains(&j) {
+                let z = block(j);
+                for i in 0..n {
+                    dst[i] = d1[i] * z[i];
+                }
+            } else {
+                let (p, q) = jets.pairs[j - jets.pair(0)];
+                let (zp, zq, zpq) = (block(jets.x(p)), block(jets.x(q)), block(j));
+                for i in 0..n {
+                    dst[i] = d2[i] * zp[i] * zq[i] + d1[i] * zpq[i];
+                }
+            }
+        });
+        (out, slopes)
+    }
+
+    /// The adjoint of the pre-activation jets from that of the activation jets.
+    fn activation_adjoint(&self, post: &[T], state: &HiddenState<T>, rows: usize, width: usize, jets: &Jets) -> Vec<T> {
+        let n = rows * width;
+        let [d1, d2, d3] = &state.slopes;
+        let pre = |j: usize| &state.pre[j * n..(j + 1) * n];
+        let post_block = |j: usize| &post[j * n..(j + 1) * n];
+        let mut out = vec![T::zero(); jets.count * n];
+        out.par_chunks_mut(n).enumerate().for_each(|(j, dst)| {
+            let a = post_block(j);
+            if j == 0 {
+                for i in 0..n {
+                    dst[i] = d1[i] * a[i];
+                }
+                for p in jets.first_order() {
+                    let (z, ap) = (pre(p), post_block(p));
+                    for i in 0..n {
+                        dst[i] = dst[i] + d2[i] * z[i] * ap[i];
+                    }
+                }
+                for (m, &(p, q)) in jets.pairs.iter().enumerate() {
+                    let jj = jets.pair(m);
+                    let (zp, zq, zpq, apq) = (pre(jets.x(p)), pre(jets.x(q)), pre(jj), post_block(jj));
+                    for i in 0..n {
+                        dst[i] = dst[i] + apq[i] * (d3[i] * zp[i] * zq[i] + d2[i] * zpq[i]);
+                    }
+                }
+            } else {
+                for i in 0..n {
+                    dst[i] = d1[i] * a[i];
+                }
+                if j < jets.t() {
+                    // An x direction k: the pairs that contain k pass the other factor on.
+                    let k = j - 1;
+                    for (m, &(p, q)) in jets.pairs.iter().enumerate() {
+                        let apq = post_block(jets.pair(m));
+                        for (this, other) in [(p, q), (q, p)] {
+                            if this == k {
+                                let zo = pre(jets.x(other));
+                                for i in 0..n {
+                                    dst[i] = dst[i] + d2[i] * zo[i] * apq[i];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+
+    /// DSM (and the FPE penalty) from the output jets `net` (`[J·B, d]`), and their
+    /// adjoint.
+    fn objective(&self, batch: &Batch<'_, T>, net: &[T], jets: &Jets) -> (f64, f64, Vec<T>) {
+        let d = self.dim;
+        let rows = batch.t.len();
+        let block = rows * d;
+        let mut adjoint = vec![T::zero(); net.len()];
+        let two = T::one() + T::one();
+        let half = T::one() / two;
+        let (mut dsm, mut penalty) = (0.0f64, 0.0f64);
+        // Per-sample scratch: s, ∂ₜs, J (J[i·d + k] = ∂sᵢ/∂xₖ), r, q = −r̄.
+        let mut s = vec![T::zero(); d];
+        let mut jac = vec![T::zero(); d * d];
+        let mut r = vec![T::zero(); d];
+        let mut q = vec![T::zero(); d];
+        for b in 0..rows {
+            let sigma = batch.sigma[b];
+            let n = &net[b * d..(b + 1) * d];
+            let z = &batch.noise[b * d..(b + 1) * d];
+            // DSM: w‖c·n/σ + z‖².
+            let (scale, weight) = (batch.dsm_sigma[b] / sigma, batch.dsm_weight[b]);
+            for i in 0..d {
+                let e = scale * n[i] + z[i];
+                dsm += (weight * e * e).to_f64().unwrap_or(f64::NAN);
+                adjoint[b * d + i] = two * weight * e * scale;
+            }
+            let Some(fpe) = &batch.fpe else { continue };
+            let (g2, a, w) = (fpe.diffusion_squared[b], fpe.drift[b], fpe.weight[b]);
+            let x = &batch.x[b * d..(b + 1) * d];
+            let at = |jet: usize, i: usize| net[jet * block + b * d + i];
+            let sigma_dot = batch.sigma_dot[b];
+            for i in 0..d {
+                s[i] = n[i] / sigma;
+                for k in 0..d {
+                    jac[i * d + k] = at(jets.x(k), i) / sigma;
+                }
+            }
+            // ∂ₖφ = ½g²Σᵢ∂ₖ∂ᵢsᵢ + g²Σᵢsᵢ∂ₖsᵢ − a(sₖ + Σᵢxᵢ∂ₖsᵢ)
+            let mut norm = T::zero();
+            for k in 0..d {
+                let mut grad_phi = -a * s[k];
+                for i in 0..d {
+                    let hess = at(jets.pair(pair_index(d, i, k)), i) / sigma;
+                    grad_phi = grad_phi + half * g2 * hess + (g2 * s[i] - a * x[i]) * jac[i * d + k];
+                }
+                let ds_dt = at(jets.t(), k) / sigma - n[k] * sigma_dot / (sigma * sigma);
+                r[k] = ds_dt - grad_phi;
+                norm = norm + r[k] * r[k];
+            }
+            penalty += (w * norm).to_f64().unwrap_or(f64::NAN);
+            let lambda = fpe.penalty_weight;
+            for k in 0..d {
+                let r_bar = lambda * w * two * r[k];
+                q[k] = -r_bar;
+                // ∂ₜsₖ = n_{k,t}/σ − nₖσ'/σ²
+                adjoint[jets.t() * block + b * d + k] = r_bar / sigma;
+                adjoint[b * d + k] = adjoint[b * d + k] - r_bar * sigma_dot / (sigma * sigma);
+            }
+            for i in 0..d {
+                // s̄ᵢ = g²Σₖ∂ₖsᵢ·qₖ − a·qᵢ, through sᵢ = nᵢ/σ.
+                let mut s_bar = -a * q[i];
+                for k in 0..d {
+                    s_bar = s_bar + g2 * jac[i * d + k] * q[k];
+                    // J̄ᵢₖ = (g²sᵢ − a·xᵢ)qₖ
+                    adjoint[jets.x(k) * block + b * d + i] = (g2 * s[i] - a * x[i]) * q[k] / sigma;
+                }
+                adjoint[b * d + i] = adjoint[b * d + i] + s_bar / sigma;
+                // H̄ᵢ(ik) += ½g²qₖ for every k (the pair {i, k}).
+                for k in 0..d {
+                    let slot = jets.pair(pair_index(d, i, k)) * block + b * d + i;
+                    adjoint[slot] = adjoint[slot] + half * g2 * q[k] / sigma;
+                }
+            }
+        }
+        (dsm, penalty, adjoint)
+    }
+}
+
+/// The index of the pair `{j, k}` in `Jets::pairs` (`j ≤ k` order, row by row).
+fn pair_index(d: usize, j: usize, k: usize) -> usize {
+    let (j, k) = if j <= k { (j, k) } else { (k, j) };
+    // Pairs before row j: d + (d−1) + … + (d−j+1).
+    j * d - j * j.saturating_sub(1) / 2 + (k - j)
+}

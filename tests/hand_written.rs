@@ -1,0 +1,269 @@
+//! `MlpScore`'s hand-written training pass against candle's autodiff: the same DSM and
+//! score-FPE values and the same weight gradients, for both activations, every DSM
+//! weighting and FPE option the pass takes, several SDEs and data dimensions; and whole
+//! training runs that agree step for step.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{rngs::StdRng, SeedableRng};
+use scoresde::autodiff::Divergence;
+use scoresde::data::{Checkerboard, Dataset};
+use scoresde::loss::{Dsm, Reduction, TimeSampling, Weighting};
+use scoresde::regularizer::{Regularizer, ScoreFpe, TimeDerivative, TimeWeighting, TimeWindow};
+use scoresde::score::{Activation, MlpConfig, MlpScore};
+use scoresde::sde::{OuSde, Sde, SubVpSde, VeSde, VpSde};
+use scoresde::train::{Objective, TrainConfig, Trainer};
+use scoresde::ScoreModel;
+
+fn exact_fpe() -> ScoreFpe {
+    ScoreFpe::new()
+        .with_divergence(Divergence::Exact)
+        .unwrap()
+        .with_time_derivative(TimeDerivative::Autodiff)
+}
+
+fn model<S: Sde>(vars: &VarMap, sde: S, dim: usize, activation: Activation, dtype: DType) -> MlpScore<S> {
+    let config = MlpConfig {
+        dim,
+        width: 16,
+        depth: 2,
+        activation,
+        fourier_features: 6,
+        fourier_scale: 2.0,
+        seed: 3,
+    };
+    MlpScore::new(VarBuilder::from_varmap(vars, dtype, &Device::Cpu), sde, config).unwrap()
+}
+
+fn batch(dim: usize, n: usize, dtype: DType) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(11);
+    let values: Vec<f64> = (0..n * dim)
+        .map(|_| rand::Rng::random_range(&mut rng, -2.0..2.0))
+        .collect();
+    Tensor::from_vec(values, (n, dim), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+/// The largest relative difference `|a − b| / (|b|_∞ + floor)` over a tensor.
+fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())) + 1e-12;
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale
+}
+
+/// Evaluates `objective` on one seeded batch both ways and compares every term and
+/// gradient; returns the hand-written penalty (to check it is not trivially zero).
+fn compare<S: Sde, R>(
+    sde: &S,
+    model: &MlpScore<S>,
+    vars: &VarMap,
+    loss: Dsm,
+    penalty: Option<(f64, R)>,
+    x0: &Tensor,
+    tolerance: f64,
+) -> Option<f64>
+where
+    S: Clone,
+    R: Regularizer<S, MlpScore<S>>,
+{
+    let mut objective = Objective::new(sde, model).with_loss(loss);
+    if let Some((weight, r)) = penalty {
+        objective = objective.with_penalty(weight, r).unwrap();
+    }
+    let value = objective.evaluate(x0, &mut StdRng::seed_from_u64(5)).unwrap();
+    let graph = value.total.backward().unwrap();
+    let terms = objective.terms(&value.batch).unwrap().expect("a hand-writable objective");
+    let hand = model.objective_gradients(&terms).unwrap().expect("MlpScore has the pass");
+
+    let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let dsm = scalar(&value.dsm);
+    assert!((hand.dsm - dsm).abs() <= tolerance * dsm.abs(), "dsm {} vs {dsm}", hand.dsm);
+    match (hand.penalty, value.penalties.first()) {
+        (Some(p), Some(q)) => {
+            let q = scalar(q);
+            assert!((p - q).abs() <= tolerance * q.abs(), "penalty {p} vs {q}");
+        }
+        (None, None) => {}
+        other => panic!("penalty present on one side only: {other:?}"),
+    }
+    // Every trained variable: the same gradient; the fixed frequencies: none either way.
+    let trained = vars.all_vars();
+    assert_eq!(hand.gradients.len(), trained.len() - 1);
+    for var in &trained {
+        let from_graph = graph.get(var.as_tensor());
+        let from_hand = hand.gradients.iter().find(|(v, _)| v.id() == var.id()).map(|(_, g)| g);
+        match (from_hand, from_graph) {
+            (Some(h), Some(g)) => {
+                assert_eq!(h.dims(), g.dims());
+                let e = relative_difference(h, g);
+                assert!(e <= tolerance, "gradient of a {:?} variable: relative error {e}", var.dims());
+            }
+            (None, None) => assert_eq!(var.dims(), [3]), // the frequencies
+            _ => panic!("a gradient on one side only for a {:?} variable", var.dims()),
+        }
+    }
+    hand.penalty
+}
+
+/// f64: agreement to 1e-9 relative (the two ways sum the same terms in different orders;
+/// the FPE gradient involves third derivatives of a network with weights O(1), so allow a
+/// few hundred ulps times the condition of the sums).
+const F64_TOLERANCE: f64 = 1e-9;
+
+#[test]
+fn dsm_gradients_match_autodiff_for_every_weighting() {
+    let sde = VpSde::default();
+    for activation in [Activation::Silu, Activation::Tanh] {
+        for weighting in [Weighting::SigmaSquared, Weighting::Likelihood, Weighting::Constant] {
+            for reduction in [Reduction::Mean, Reduction::Sum] {
+                let vars = VarMap::new();
+                let m = model(&vars, sde, 2, activation, DType::F64);
+                let loss = Dsm::default().with_weighting(weighting).with_reduction(reduction);
+                compare::<_, ScoreFpe>(&sde, &m, &vars, loss, None, &batch(2, 24, DType::F64), F64_TOLERANCE);
+            }
+        }
+    }
+}
+
+#[test]
+fn fpe_gradients_match_autodiff() {
+    let sde = VpSde::default();
+    for activation in [Activation::Silu, Activation::Tanh] {
+        for weighting in [TimeWeighting::Constant, TimeWeighting::Diffusion, TimeWeighting::DiffusionSquared] {
+            for normalize in [false, true] {
+                let vars = VarMap::new();
+                let m = model(&vars, sde, 2, activation, DType::F64);
+                let fpe = exact_fpe().with_weighting(weighting).with_normalization(normalize);
+                let loss = Dsm::default().with_weighting(Weighting::Likelihood);
+                let p = compare(&sde, &m, &vars, loss, Some((0.3, fpe)), &batch(2, 24, DType::F64), F64_TOLERANCE);
+                assert!(p.unwrap() > 1e-3, "the untrained network violates the score FPE");
+            }
+        }
+    }
+}
+
+/// Other SDEs (drift zero for VE, time-dependent for sub-VP, constant for OU), and a model
+/// whose own SDE (its σ(t)) differs from the objective's.
+#[test]
+fn fpe_gradients_match_autodiff_under_every_sde() {
+    let x0 = batch(2, 16, DType::F64);
+    let loss = Dsm::default().with_time_sampling(TimeSampling::Beta12);
+    let vars = VarMap::new();
+    let sde = VeSde::default();
+    let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
+    compare(&sde, &m, &vars, loss, Some((1.0, exact_fpe())), &x0, F64_TOLERANCE);
+    let vars = VarMap::new();
+    let sde = SubVpSde::default();
+    let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
+    compare(&sde, &m, &vars, loss, Some((1.0, exact_fpe())), &x0, F64_TOLERANCE);
+    let vars = VarMap::new();
+    let sde = OuSde::default();
+    let m = model(&vars, sde, 2, Activation::Tanh, DType::F64);
+    compare(&sde, &m, &vars, Dsm::default(), Some((1.0, exact_fpe())), &x0, F64_TOLERANCE);
+}
+
+/// Dimensions 1 and 3: the second-derivative jets over every pair `j ≤ k`.
+#[test]
+fn fpe_gradients_match_autodiff_in_other_dimensions() {
+    let sde = VpSde::default();
+    for dim in [1, 3] {
+        let vars = VarMap::new();
+        let m = model(&vars, sde, dim, Activation::Silu, DType::F64);
+        let fpe = exact_fpe().with_weighting(TimeWeighting::Constant);
+        compare(&sde, &m, &vars, Dsm::default(), Some((0.5, fpe)), &batch(dim, 12, DType::F64), F64_TOLERANCE);
+    }
+}
+
+/// A time window: the weights are zero outside it and rescaled inside.
+#[test]
+fn windowed_fpe_gradients_match_autodiff() {
+    let sde = VpSde::default();
+    let vars = VarMap::new();
+    let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
+    let window = TimeWindow::new(exact_fpe(), 0.2, 0.7).unwrap();
+    compare(&sde, &m, &vars, Dsm::default(), Some((1.0, window)), &batch(2, 32, DType::F64), F64_TOLERANCE);
+}
+
+/// f32, the benchmark's precision: the same to 1e-4 relative (f32 rounding, ~1e-7, times
+/// the sums' condition).
+#[test]
+fn f32_gradients_match_autodiff() {
+    let sde = VpSde::default();
+    let vars = VarMap::new();
+    let m = model(&vars, sde, 2, Activation::Silu, DType::F32);
+    let x0 = batch(2, 64, DType::F32);
+    compare::<_, ScoreFpe>(&sde, &m, &vars, Dsm::default(), None, &x0, 1e-4);
+    let fpe = exact_fpe().with_weighting(TimeWeighting::Constant).with_normalization(false);
+    compare(&sde, &m, &vars, Dsm::default(), Some((1e-3, fpe)), &x0, 1e-4);
+}
+
+/// Penalties the pass does not take fall back to the graph.
+#[test]
+fn other_penalties_are_not_hand_written() {
+    let sde = VpSde::default();
+    let vars = VarMap::new();
+    let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
+    let x0 = batch(2, 8, DType::F64);
+    let draw = |o: &Objective<'_, VpSde, MlpScore<VpSde>>| {
+        o.loss().draw(&sde, &x0, &mut StdRng::seed_from_u64(0)).unwrap()
+    };
+    for fpe in [
+        ScoreFpe::new(),                            // Hutchinson, finite differences
+        exact_fpe().with_power(1.0).unwrap(),       // not squared
+        exact_fpe().with_scalar_weight(0.1).unwrap(), // the scalar term
+    ] {
+        let o = Objective::new(&sde, &m).with_penalty(1.0, fpe).unwrap();
+        assert!(o.terms(&draw(&o)).unwrap().is_none());
+    }
+    let two = Objective::new(&sde, &m)
+        .with_penalty(1.0, exact_fpe())
+        .unwrap()
+        .with_penalty(1.0, exact_fpe())
+        .unwrap();
+    assert!(two.terms(&draw(&two)).unwrap().is_none());
+    // Softplus has no kernel: the model declines.
+    let vars = VarMap::new();
+    let soft = model(&vars, sde, 2, Activation::Softplus { beta: 10.0 }, DType::F64);
+    let o = Objective::new(&sde, &soft);
+    let b = o.loss().draw(&sde, &x0, &mut StdRng::seed_from_u64(0)).unwrap();
+    assert!(soft.objective_gradients(&o.terms(&b).unwrap().unwrap()).unwrap().is_none());
+}
+
+/// Whole runs: a trainer on hand-written gradients and one on autodiff, same seed, stay
+/// together (f64: the same to 1e-9 after 5 AdamW steps, whose updates are nearly
+/// sign-like and so amplify nothing but exact ties).
+#[test]
+fn training_runs_agree_with_autodiff() {
+    let sde = VpSde::default();
+    let run = |hand_written: bool| {
+        let vars = VarMap::new();
+        let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
+        let objective = Objective::new(&sde, &m)
+            .with_penalty(1e-2, exact_fpe())
+            .unwrap()
+            .with_hand_written_gradients(hand_written);
+        let mut trainer = Trainer::new(&vars, TrainConfig { batch_size: 32, ..Default::default() }).unwrap();
+        let report = trainer.fit(&objective, &Checkerboard::default(), 5, |_| {}).unwrap();
+        let mut weights: Vec<(String, Vec<f64>)> = vars
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.flatten_all().unwrap().to_vec1::<f64>().unwrap()))
+            .collect();
+        weights.sort_by(|a, b| a.0.cmp(&b.0));
+        (report.losses, weights, trainer.untrained_variables().map(<[String]>::to_vec))
+    };
+    let (hand_losses, hand_weights, hand_untrained) = run(true);
+    let (graph_losses, graph_weights, graph_untrained) = run(false);
+    for (a, b) in hand_losses.iter().zip(&graph_losses) {
+        assert!((a - b).abs() <= 1e-9 * b.abs(), "loss {a} vs {b}");
+    }
+    for ((name, a), (_, b)) in hand_weights.iter().zip(&graph_weights) {
+        let e = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        assert!(e <= 1e-9, "{name}: weights differ by {e}");
+    }
+    assert_eq!(hand_untrained, graph_untrained);
+    assert_eq!(hand_untrained.unwrap(), ["time.frequencies"]);
+    let _ = Checkerboard::default().sample(1, &mut StdRng::seed_from_u64(0));
+}
