@@ -33,9 +33,93 @@ use super::Pointwise;
 use crate::{Error, Result};
 
 /// The float types the training kernel runs in.
-pub(crate) trait Real: Float + Send + Sync + std::fmt::Debug + 'static {}
-impl Real for f32 {}
+pub(crate) trait Real: Float + Send + Sync + std::fmt::Debug + 'static {
+    /// `ψ` and `ψ'` at each `z` (and `ψ''`, `ψ'''` into `higher`).
+    fn activation_pass(activation: Pointwise, z: &[Self], slopes: Slopes<'_, Self>) {
+        activation_loop(activation, z, slopes, Self::exp)
+    }
+}
+
 impl Real for f64 {}
+
+impl Real for f32 {
+    /// With the crate's vectorizable `exp`, compiled for AVX2/FMA when the CPU has them.
+    fn activation_pass(activation: Pointwise, z: &[f32], slopes: Slopes<'_, f32>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(activation: Pointwise, z: &[f32], slopes: Slopes<'_, f32>) {
+                activation_loop(activation, z, slopes, super::exp)
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                return unsafe { avx2(activation, z, slopes) };
+            }
+        }
+        activation_loop(activation, z, slopes, super::exp)
+    }
+}
+
+/// Where an activation pass writes: `ψ`, `ψ'`, and optionally `ψ''`, `ψ'''`.
+pub(crate) struct Slopes<'a, T> {
+    value: &'a mut [T],
+    first: &'a mut [T],
+    higher: Option<(&'a mut [T], &'a mut [T])>,
+}
+
+/// The body of [`Real::activation_pass`], branch-free per element so that it vectorizes.
+#[inline(always)]
+fn activation_loop<T: Real>(activation: Pointwise, z: &[T], slopes: Slopes<'_, T>, exp: impl Fn(T) -> T) {
+    let one = T::one();
+    let two = one + one;
+    let Slopes { value, first, higher } = slopes;
+    let n = z.len().min(value.len()).min(first.len());
+    let (z, value, first) = (&z[..n], &mut value[..n], &mut first[..n]);
+    match (activation, higher) {
+        (Pointwise::Silu, None) => {
+            for i in 0..n {
+                let s = one / (one + exp(-z[i]));
+                value[i] = z[i] * s;
+                first[i] = s * (one + z[i] * (one - s));
+            }
+        }
+        (Pointwise::Silu, Some((second, third))) => {
+            let (second, third) = (&mut second[..n], &mut third[..n]);
+            for i in 0..n {
+                let z = z[i];
+                let s = one / (one + exp(-z));
+                let u = s * (one - s);
+                let c = one - two * s;
+                value[i] = z * s;
+                first[i] = s * (one + z * (one - s));
+                second[i] = u * (two + z * c);
+                third[i] = u * (c * (two + one + z * c) - two * z * u);
+            }
+        }
+        (Pointwise::Tanh, higher) => {
+            let mut higher = higher.map(|(a, b)| (&mut a[..n], &mut b[..n]));
+            for i in 0..n {
+                // tanh z = 1 − 2/(1 + e²ᶻ), NaN kept (the exp maps it to a finite value).
+                let y = one - two / (one + exp(two * z[i]));
+                let y = if z[i].is_nan() { z[i] } else { y };
+                let d1 = one - y * y;
+                value[i] = y;
+                first[i] = d1;
+                if let Some((second, third)) = &mut higher {
+                    second[i] = -two * y * d1;
+                    third[i] = d1 * ((two + two + two) * y * y - two);
+                }
+            }
+        }
+        (Pointwise::Identity, higher) => {
+            value.copy_from_slice(z);
+            first.iter_mut().for_each(|v| *v = one);
+            if let Some((second, third)) = higher {
+                second.iter_mut().chain(third.iter_mut()).for_each(|v| *v = T::zero());
+            }
+        }
+    }
+}
 
 /// A dense layer `z = W a + b` read in place: `weight` row-major `[outputs, inputs]`.
 #[derive(Debug, Clone, Copy)]
@@ -141,32 +225,6 @@ impl Jets {
     }
 }
 
-/// `ψ, ψ', ψ'', ψ'''` at `z`.
-#[inline]
-fn activation_derivatives<T: Real>(activation: Pointwise, z: T) -> [T; 4] {
-    let one = T::one();
-    let two = one + one;
-    match activation {
-        Pointwise::Silu => {
-            let s = one / (one + (-z).exp());
-            let u = s * (one - s);
-            let c = one - two * s;
-            [
-                z * s,
-                s * (one + z * (one - s)),
-                u * (two + z * c),
-                u * (c * (two + one + z * c) - two * z * u),
-            ]
-        }
-        Pointwise::Tanh => {
-            let y = z.tanh();
-            let d1 = one - y * y;
-            [y, d1, -two * y * d1, d1 * ((two + two + two) * y * y - two)]
-        }
-        Pointwise::Identity => [z, one, T::zero(), T::zero()],
-    }
-}
-
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with explicit (column, row) strides.
 ///
 /// # Safety
@@ -262,6 +320,9 @@ fn column_sums<T: Real>(buffer: &[T], rows: usize, width: usize) -> Vec<T> {
     }
     sums
 }
+
+/// Elements per parallel task in the elementwise passes.
+const ELEMENTWISE_CHUNK: usize = 8192;
 
 /// What the forward pass keeps for the reverse pass, per hidden layer.
 struct HiddenState<T> {
@@ -392,16 +453,27 @@ impl<T: Real> ScoreMlp<'_, T> {
     fn activate(&self, pre: &[T], rows: usize, width: usize, jets: &Jets) -> (Vec<T>, [Vec<T>; 3]) {
         let n = rows * width;
         let mut out = vec![T::zero(); jets.count * n];
-        let mut slopes = [vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]];
+        // DSM needs ψ' only (for the value's adjoint); the jets need ψ'' and ψ''' too.
+        let higher = jets.count > 1;
+        let extra = if higher { n } else { 0 };
+        let mut slopes = [vec![T::zero(); n], vec![T::zero(); extra], vec![T::zero(); extra]];
         {
             let [d1, d2, d3] = &mut slopes;
-            for i in 0..n {
-                let [v, a, b, c] = activation_derivatives(self.activation, pre[i]);
-                out[i] = v;
-                d1[i] = a;
-                d2[i] = b;
-                d3[i] = c;
-            }
+            let chunk = ELEMENTWISE_CHUNK;
+            let mut d2 = d2.chunks_mut(chunk);
+            let mut d3 = d3.chunks_mut(chunk);
+            let tasks: Vec<_> = out[..n]
+                .chunks_mut(chunk)
+                .zip(d1.chunks_mut(chunk))
+                .zip(pre[..n].chunks(chunk))
+                .map(|((value, first), z)| {
+                    let higher = d2.next().zip(d3.next());
+                    (z, Slopes { value, first, higher })
+                })
+                .collect();
+            tasks
+                .into_par_iter()
+                .for_each(|(z, slopes)| T::activation_pass(self.activation, z, slopes));
         }
         let rest = &mut out[n..];
         let block = |j: usize| &pre[j * n..(j + 1) * n];
