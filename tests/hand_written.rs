@@ -174,6 +174,17 @@ fn fpe_gradients_match_autodiff_in_other_dimensions() {
     }
 }
 
+/// Batches larger than one thread's part (256 rows): the parts' sums add up.
+#[test]
+fn large_batches_split_across_threads_match_autodiff() {
+    let sde = VpSde::default();
+    let vars = VarMap::new();
+    let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
+    let x0 = batch(2, 600, DType::F64);
+    compare::<_, ScoreFpe>(&sde, &m, &vars, Dsm::default(), None, &x0, F64_TOLERANCE);
+    compare(&sde, &m, &vars, Dsm::default(), Some((0.1, exact_fpe())), &x0, F64_TOLERANCE);
+}
+
 /// A time window: the weights are zero outside it and rescaled inside.
 #[test]
 fn windowed_fpe_gradients_match_autodiff() {

@@ -242,11 +242,6 @@ unsafe fn matmul<T: Real>(
     debug_assert!(dst.len() >= m * n);
     debug_assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
     debug_assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
-    let parallelism = if m * n * k >= 1 << 20 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
     gemm::gemm(
         m,
         n,
@@ -266,7 +261,8 @@ unsafe fn matmul<T: Real>(
         false,
         false,
         false,
-        parallelism,
+        // Threads split the batch instead (`ScoreMlp::gradients`).
+        gemm::Parallelism::None,
     );
 }
 
@@ -321,8 +317,11 @@ fn column_sums<T: Real>(buffer: &[T], rows: usize, width: usize) -> Vec<T> {
     sums
 }
 
-/// Elements per parallel task in the elementwise passes.
+/// Elements per call of the elementwise activation pass.
 const ELEMENTWISE_CHUNK: usize = 8192;
+
+/// Rows of the batch per thread task.
+const PART_ROWS: usize = 256;
 
 /// What the forward pass keeps for the reverse pass, per hidden layer.
 struct HiddenState<T> {
@@ -363,8 +362,55 @@ impl<T: Real> ScoreMlp<'_, T> {
     }
 
     /// The objective's value and its gradient with respect to every weight and bias.
+    ///
+    /// The batch is cut into parts of [`PART_ROWS`] rows that threads take whole (the terms
+    /// are sums over samples, so the parts' values and gradients add up); each part runs
+    /// single-threaded, so there is no synchronization inside a step. The cut depends only
+    /// on the batch size, so results do not depend on the number of threads.
     pub(crate) fn gradients(&self, batch: &Batch<'_, T>) -> Result<Gradients<T>> {
         let rows = self.validate(batch)?;
+        let d = self.dim;
+        let part = |start: usize, end: usize| {
+            fn rows<U>(v: &[U], range: std::ops::Range<usize>) -> &[U] {
+                &v[range]
+            }
+            let per_row = |v| rows(v, start..end);
+            Batch {
+                x: &batch.x[start * d..end * d],
+                t: per_row(batch.t),
+                noise: &batch.noise[start * d..end * d],
+                sigma: per_row(batch.sigma),
+                sigma_dot: if batch.fpe.is_some() { per_row(batch.sigma_dot) } else { batch.sigma_dot },
+                dsm_sigma: per_row(batch.dsm_sigma),
+                dsm_weight: per_row(batch.dsm_weight),
+                fpe: batch.fpe.map(|f| FpeCoefficients {
+                    weight: per_row(f.weight),
+                    diffusion_squared: per_row(f.diffusion_squared),
+                    drift: per_row(f.drift),
+                    penalty_weight: f.penalty_weight,
+                }),
+            }
+        };
+        let parts: Vec<Batch<'_, T>> = (0..rows)
+            .step_by(PART_ROWS)
+            .map(|start| part(start, (start + PART_ROWS).min(rows)))
+            .collect();
+        let mut results = parts.par_iter().map(|p| self.gradients_of_part(p)).collect::<Vec<_>>().into_iter();
+        let mut total = results.next().unwrap_or_else(|| self.gradients_of_part(batch))?;
+        for result in results {
+            let next = result?;
+            total.dsm += next.dsm;
+            total.penalty += next.penalty;
+            for (a, b) in total.weights.iter_mut().chain(&mut total.biases).zip(next.weights.iter().chain(&next.biases)) {
+                a.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b);
+            }
+        }
+        Ok(total)
+    }
+
+    /// [`Self::gradients`] on one part of the batch, single-threaded.
+    fn gradients_of_part(&self, batch: &Batch<'_, T>) -> Result<Gradients<T>> {
+        let rows = batch.t.len();
         let jets = Jets::new(self.dim, batch.fpe.is_some());
         let jet_rows = jets.count * rows;
 
@@ -472,13 +518,13 @@ impl<T: Real> ScoreMlp<'_, T> {
                 })
                 .collect();
             tasks
-                .into_par_iter()
+                .into_iter()
                 .for_each(|(z, slopes)| T::activation_pass(self.activation, z, slopes));
         }
         let rest = &mut out[n..];
         let block = |j: usize| &pre[j * n..(j + 1) * n];
         let [d1, d2, _] = &slopes;
-        let blocks = rest.par_chunks_mut(n).enumerate();
+        let blocks = rest.chunks_mut(n).enumerate();
         blocks.for_each(|(m, dst)| {
             let j = m + 1;
             if jets.first_order().contains(&j) {
@@ -504,7 +550,7 @@ impl<T: Real> ScoreMlp<'_, T> {
         let pre = |j: usize| &state.pre[j * n..(j + 1) * n];
         let post_block = |j: usize| &post[j * n..(j + 1) * n];
         let mut out = vec![T::zero(); jets.count * n];
-        out.par_chunks_mut(n).enumerate().for_each(|(j, dst)| {
+        out.chunks_mut(n).enumerate().for_each(|(j, dst)| {
             let a = post_block(j);
             if j == 0 {
                 for i in 0..n {
