@@ -126,8 +126,8 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
     /// ```
     /// use candle_core::Tensor;
     /// use scoresde::{sde::VpSde, train::Objective};
-    /// let model = |x: &Tensor, _t: &Tensor| Ok(x.neg()?);
-    /// let objective = Objective::new(&VpSde::default(), &model).with_hand_written_gradients(false);
+    /// let (sde, model) = (VpSde::default(), |x: &Tensor, _t: &Tensor| Ok(x.neg()?));
+    /// let objective = Objective::new(&sde, &model).with_hand_written_gradients(false);
     /// assert!(!objective.hand_written_gradients());
     /// ```
     pub fn with_hand_written_gradients(mut self, allowed: bool) -> Self {
@@ -328,14 +328,30 @@ impl StepGradients {
 /// ```
 ///
 /// ```
-/// use candle_core::{Device, Tensor};
-/// use scoresde::{ScoreModel, sde::VpSde, train::{Objective, ObjectiveTerms}};
-/// // A model without a hand-written pass: the trainer uses autodiff.
-/// let model = |x: &Tensor, _t: &Tensor| Ok(x.neg()?);
-/// # let _ = Objective::new(&VpSde::default(), &model);
-/// fn has_hand_written<M: ScoreModel>(m: &M, terms: &ObjectiveTerms<'_>) -> scoresde::Result<bool> {
-///     Ok(m.objective_gradients(terms)?.is_some())
-/// }
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use rand::{rngs::StdRng, SeedableRng};
+/// use scoresde::score::{MlpConfig, MlpScore};
+/// use scoresde::{sde::VpSde, train::Objective, ScoreModel};
+///
+/// let sde = VpSde::default();
+/// let vars = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&vars, DType::F64, &Device::Cpu);
+/// let model = MlpScore::new(vb, sde, MlpConfig { width: 16, ..Default::default() })?;
+/// let objective = Objective::new(&sde, &model);
+/// let x0 = Tensor::new(&[[0.5f64, -0.5], [1.0, 0.0], [0.0, 2.0]], &Device::Cpu)?;
+/// let batch = objective.loss().draw(&sde, &x0, &mut StdRng::seed_from_u64(0))?;
+/// let terms = objective.terms(&batch)?.expect("plain DSM has this form");
+///
+/// let out = model.objective_gradients(&terms)?.expect("MlpScore has a hand-written pass");
+/// let dsm = objective.loss().loss(&sde, &model, &batch)?.to_scalar::<f64>()?;
+/// assert!((out.dsm - dsm).abs() < 1e-12 * dsm);
+/// assert_eq!(out.gradients.len(), 8); // 4 weights, 4 biases (not the fixed frequencies)
+///
+/// // A closure has no such pass: the trainer builds the graph.
+/// let closure = |x: &Tensor, _t: &Tensor| Ok(x.neg()?);
+/// assert!(closure.objective_gradients(&terms)?.is_none());
+/// # Ok::<(), scoresde::Error>(())
 /// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{rngs::StdRng, SeedableRng};
 use scoresde::autodiff::Divergence;
-use scoresde::data::{Checkerboard, Dataset};
+use scoresde::data::Checkerboard;
 use scoresde::loss::{Dsm, Reduction, TimeSampling, Weighting};
 use scoresde::regularizer::{Regularizer, ScoreFpe, TimeDerivative, TimeWeighting, TimeWindow};
 use scoresde::score::{Activation, MlpConfig, MlpScore};
@@ -40,20 +40,35 @@ fn batch(dim: usize, n: usize, dtype: DType) -> Tensor {
     let values: Vec<f64> = (0..n * dim)
         .map(|_| rand::Rng::random_range(&mut rng, -2.0..2.0))
         .collect();
-    Tensor::from_vec(values, (n, dim), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    Tensor::from_vec(values, (n, dim), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
 /// The largest relative difference `|a − b| / (|b|_∞ + floor)` over a tensor.
 fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let a = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())) + 1e-12;
     a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale
 }
 
 /// Evaluates `objective` on one seeded batch both ways and compares every term and
 /// gradient; returns the hand-written penalty (to check it is not trivially zero).
-fn compare<S: Sde, R>(
+fn compare<S, R>(
     sde: &S,
     model: &MlpScore<S>,
     vars: &VarMap,
@@ -63,7 +78,7 @@ fn compare<S: Sde, R>(
     tolerance: f64,
 ) -> Option<f64>
 where
-    S: Clone,
+    S: Sde,
     R: Regularizer<S, MlpScore<S>>,
 {
     let mut objective = Objective::new(sde, model).with_loss(loss);
@@ -72,12 +87,22 @@ where
     }
     let value = objective.evaluate(x0, &mut StdRng::seed_from_u64(5)).unwrap();
     let graph = value.total.backward().unwrap();
-    let terms = objective.terms(&value.batch).unwrap().expect("a hand-writable objective");
-    let hand = model.objective_gradients(&terms).unwrap().expect("MlpScore has the pass");
+    let terms = objective
+        .terms(&value.batch)
+        .unwrap()
+        .expect("a hand-writable objective");
+    let hand = model
+        .objective_gradients(&terms)
+        .unwrap()
+        .expect("MlpScore has the pass");
 
     let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
     let dsm = scalar(&value.dsm);
-    assert!((hand.dsm - dsm).abs() <= tolerance * dsm.abs(), "dsm {} vs {dsm}", hand.dsm);
+    assert!(
+        (hand.dsm - dsm).abs() <= tolerance * dsm.abs(),
+        "dsm {} vs {dsm}",
+        hand.dsm
+    );
     match (hand.penalty, value.penalties.first()) {
         (Some(p), Some(q)) => {
             let q = scalar(q);
@@ -91,12 +116,20 @@ where
     assert_eq!(hand.gradients.len(), trained.len() - 1);
     for var in &trained {
         let from_graph = graph.get(var.as_tensor());
-        let from_hand = hand.gradients.iter().find(|(v, _)| v.id() == var.id()).map(|(_, g)| g);
+        let from_hand = hand
+            .gradients
+            .iter()
+            .find(|(v, _)| v.id() == var.id())
+            .map(|(_, g)| g);
         match (from_hand, from_graph) {
             (Some(h), Some(g)) => {
                 assert_eq!(h.dims(), g.dims());
                 let e = relative_difference(h, g);
-                assert!(e <= tolerance, "gradient of a {:?} variable: relative error {e}", var.dims());
+                assert!(
+                    e <= tolerance,
+                    "gradient of a {:?} variable: relative error {e}",
+                    var.dims()
+                );
             }
             (None, None) => assert_eq!(var.dims(), [3]), // the frequencies
             _ => panic!("a gradient on one side only for a {:?} variable", var.dims()),
@@ -114,12 +147,24 @@ const F64_TOLERANCE: f64 = 1e-9;
 fn dsm_gradients_match_autodiff_for_every_weighting() {
     let sde = VpSde::default();
     for activation in [Activation::Silu, Activation::Tanh] {
-        for weighting in [Weighting::SigmaSquared, Weighting::Likelihood, Weighting::Constant] {
+        for weighting in [
+            Weighting::SigmaSquared,
+            Weighting::Likelihood,
+            Weighting::Constant,
+        ] {
             for reduction in [Reduction::Mean, Reduction::Sum] {
                 let vars = VarMap::new();
                 let m = model(&vars, sde, 2, activation, DType::F64);
                 let loss = Dsm::default().with_weighting(weighting).with_reduction(reduction);
-                compare::<_, ScoreFpe>(&sde, &m, &vars, loss, None, &batch(2, 24, DType::F64), F64_TOLERANCE);
+                compare::<_, ScoreFpe>(
+                    &sde,
+                    &m,
+                    &vars,
+                    loss,
+                    None,
+                    &batch(2, 24, DType::F64),
+                    F64_TOLERANCE,
+                );
             }
         }
     }
@@ -129,13 +174,27 @@ fn dsm_gradients_match_autodiff_for_every_weighting() {
 fn fpe_gradients_match_autodiff() {
     let sde = VpSde::default();
     for activation in [Activation::Silu, Activation::Tanh] {
-        for weighting in [TimeWeighting::Constant, TimeWeighting::Diffusion, TimeWeighting::DiffusionSquared] {
+        for weighting in [
+            TimeWeighting::Constant,
+            TimeWeighting::Diffusion,
+            TimeWeighting::DiffusionSquared,
+        ] {
             for normalize in [false, true] {
                 let vars = VarMap::new();
                 let m = model(&vars, sde, 2, activation, DType::F64);
-                let fpe = exact_fpe().with_weighting(weighting).with_normalization(normalize);
+                let fpe = exact_fpe()
+                    .with_weighting(weighting)
+                    .with_normalization(normalize);
                 let loss = Dsm::default().with_weighting(Weighting::Likelihood);
-                let p = compare(&sde, &m, &vars, loss, Some((0.3, fpe)), &batch(2, 24, DType::F64), F64_TOLERANCE);
+                let p = compare(
+                    &sde,
+                    &m,
+                    &vars,
+                    loss,
+                    Some((0.3, fpe)),
+                    &batch(2, 24, DType::F64),
+                    F64_TOLERANCE,
+                );
                 assert!(p.unwrap() > 1e-3, "the untrained network violates the score FPE");
             }
         }
@@ -151,15 +210,39 @@ fn fpe_gradients_match_autodiff_under_every_sde() {
     let vars = VarMap::new();
     let sde = VeSde::default();
     let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
-    compare(&sde, &m, &vars, loss, Some((1.0, exact_fpe())), &x0, F64_TOLERANCE);
+    compare(
+        &sde,
+        &m,
+        &vars,
+        loss,
+        Some((1.0, exact_fpe())),
+        &x0,
+        F64_TOLERANCE,
+    );
     let vars = VarMap::new();
     let sde = SubVpSde::default();
     let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
-    compare(&sde, &m, &vars, loss, Some((1.0, exact_fpe())), &x0, F64_TOLERANCE);
+    compare(
+        &sde,
+        &m,
+        &vars,
+        loss,
+        Some((1.0, exact_fpe())),
+        &x0,
+        F64_TOLERANCE,
+    );
     let vars = VarMap::new();
     let sde = OuSde::default();
     let m = model(&vars, sde, 2, Activation::Tanh, DType::F64);
-    compare(&sde, &m, &vars, Dsm::default(), Some((1.0, exact_fpe())), &x0, F64_TOLERANCE);
+    compare(
+        &sde,
+        &m,
+        &vars,
+        Dsm::default(),
+        Some((1.0, exact_fpe())),
+        &x0,
+        F64_TOLERANCE,
+    );
 }
 
 /// Dimensions 1 and 3: the second-derivative jets over every pair `j ≤ k`.
@@ -170,7 +253,15 @@ fn fpe_gradients_match_autodiff_in_other_dimensions() {
         let vars = VarMap::new();
         let m = model(&vars, sde, dim, Activation::Silu, DType::F64);
         let fpe = exact_fpe().with_weighting(TimeWeighting::Constant);
-        compare(&sde, &m, &vars, Dsm::default(), Some((0.5, fpe)), &batch(dim, 12, DType::F64), F64_TOLERANCE);
+        compare(
+            &sde,
+            &m,
+            &vars,
+            Dsm::default(),
+            Some((0.5, fpe)),
+            &batch(dim, 12, DType::F64),
+            F64_TOLERANCE,
+        );
     }
 }
 
@@ -182,7 +273,15 @@ fn large_batches_split_across_threads_match_autodiff() {
     let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
     let x0 = batch(2, 600, DType::F64);
     compare::<_, ScoreFpe>(&sde, &m, &vars, Dsm::default(), None, &x0, F64_TOLERANCE);
-    compare(&sde, &m, &vars, Dsm::default(), Some((0.1, exact_fpe())), &x0, F64_TOLERANCE);
+    compare(
+        &sde,
+        &m,
+        &vars,
+        Dsm::default(),
+        Some((0.1, exact_fpe())),
+        &x0,
+        F64_TOLERANCE,
+    );
 }
 
 /// A time window: the weights are zero outside it and rescaled inside.
@@ -192,7 +291,15 @@ fn windowed_fpe_gradients_match_autodiff() {
     let vars = VarMap::new();
     let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
     let window = TimeWindow::new(exact_fpe(), 0.2, 0.7).unwrap();
-    compare(&sde, &m, &vars, Dsm::default(), Some((1.0, window)), &batch(2, 32, DType::F64), F64_TOLERANCE);
+    compare(
+        &sde,
+        &m,
+        &vars,
+        Dsm::default(),
+        Some((1.0, window)),
+        &batch(2, 32, DType::F64),
+        F64_TOLERANCE,
+    );
 }
 
 /// f32, the benchmark's precision: the same to 1e-4 relative (f32 rounding, ~1e-7, times
@@ -204,7 +311,9 @@ fn f32_gradients_match_autodiff() {
     let m = model(&vars, sde, 2, Activation::Silu, DType::F32);
     let x0 = batch(2, 64, DType::F32);
     compare::<_, ScoreFpe>(&sde, &m, &vars, Dsm::default(), None, &x0, 1e-4);
-    let fpe = exact_fpe().with_weighting(TimeWeighting::Constant).with_normalization(false);
+    let fpe = exact_fpe()
+        .with_weighting(TimeWeighting::Constant)
+        .with_normalization(false);
     compare(&sde, &m, &vars, Dsm::default(), Some((1e-3, fpe)), &x0, 1e-4);
 }
 
@@ -219,8 +328,8 @@ fn other_penalties_are_not_hand_written() {
         o.loss().draw(&sde, &x0, &mut StdRng::seed_from_u64(0)).unwrap()
     };
     for fpe in [
-        ScoreFpe::new(),                            // Hutchinson, finite differences
-        exact_fpe().with_power(1.0).unwrap(),       // not squared
+        ScoreFpe::new(),                              // Hutchinson, finite differences
+        exact_fpe().with_power(1.0).unwrap(),         // not squared
         exact_fpe().with_scalar_weight(0.1).unwrap(), // the scalar term
     ] {
         let o = Objective::new(&sde, &m).with_penalty(1.0, fpe).unwrap();
@@ -237,7 +346,10 @@ fn other_penalties_are_not_hand_written() {
     let soft = model(&vars, sde, 2, Activation::Softplus { beta: 10.0 }, DType::F64);
     let o = Objective::new(&sde, &soft);
     let b = o.loss().draw(&sde, &x0, &mut StdRng::seed_from_u64(0)).unwrap();
-    assert!(soft.objective_gradients(&o.terms(&b).unwrap().unwrap()).unwrap().is_none());
+    assert!(soft
+        .objective_gradients(&o.terms(&b).unwrap().unwrap())
+        .unwrap()
+        .is_none());
 }
 
 /// Whole runs: a trainer on hand-written gradients and one on autodiff, same seed, stay
@@ -253,8 +365,17 @@ fn training_runs_agree_with_autodiff() {
             .with_penalty(1e-2, exact_fpe())
             .unwrap()
             .with_hand_written_gradients(hand_written);
-        let mut trainer = Trainer::new(&vars, TrainConfig { batch_size: 32, ..Default::default() }).unwrap();
-        let report = trainer.fit(&objective, &Checkerboard::default(), 5, |_| {}).unwrap();
+        let mut trainer = Trainer::new(
+            &vars,
+            TrainConfig {
+                batch_size: 32,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let report = trainer
+            .fit(&objective, &Checkerboard::default(), 5, |_| {})
+            .unwrap();
         let mut weights: Vec<(String, Vec<f64>)> = vars
             .data()
             .lock()
@@ -263,7 +384,11 @@ fn training_runs_agree_with_autodiff() {
             .map(|(k, v)| (k.clone(), v.flatten_all().unwrap().to_vec1::<f64>().unwrap()))
             .collect();
         weights.sort_by(|a, b| a.0.cmp(&b.0));
-        (report.losses, weights, trainer.untrained_variables().map(<[String]>::to_vec))
+        (
+            report.losses,
+            weights,
+            trainer.untrained_variables().map(<[String]>::to_vec),
+        )
     };
     let (hand_losses, hand_weights, hand_untrained) = run(true);
     let (graph_losses, graph_weights, graph_untrained) = run(false);
@@ -276,5 +401,4 @@ fn training_runs_agree_with_autodiff() {
     }
     assert_eq!(hand_untrained, graph_untrained);
     assert_eq!(hand_untrained.unwrap(), ["time.frequencies"]);
-    let _ = Checkerboard::default().sample(1, &mut StdRng::seed_from_u64(0));
 }

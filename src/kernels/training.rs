@@ -115,7 +115,10 @@ fn activation_loop<T: Real>(activation: Pointwise, z: &[T], slopes: Slopes<'_, T
             value.copy_from_slice(z);
             first.iter_mut().for_each(|v| *v = one);
             if let Some((second, third)) = higher {
-                second.iter_mut().chain(third.iter_mut()).for_each(|v| *v = T::zero());
+                second
+                    .iter_mut()
+                    .chain(third.iter_mut())
+                    .for_each(|v| *v = T::zero());
             }
         }
     }
@@ -302,7 +305,17 @@ fn backward_linear<T: Real>(
     let input_adjoint = need_input.then(|| {
         let mut out = vec![T::zero(); rows * i];
         // SAFETY: Z̄ [rows, outputs] (cs 1, rs outputs); W [outputs, inputs] (cs 1, rs inputs).
-        unsafe { matmul((rows, i, o), &mut out, false, adjoint, (1, o), layer.weight, (1, i)) };
+        unsafe {
+            matmul(
+                (rows, i, o),
+                &mut out,
+                false,
+                adjoint,
+                (1, o),
+                layer.weight,
+                (1, i),
+            )
+        };
         out
     });
     (weight, input_adjoint)
@@ -341,7 +354,9 @@ impl<T: Real> ScoreMlp<'_, T> {
                 || layer.weight.len() != layer.inputs * layer.outputs
                 || layer.bias.len() != layer.outputs
             {
-                return Err(Error::Shape("the score network's layers do not fit together".into()));
+                return Err(Error::Shape(
+                    "the score network's layers do not fit together".into(),
+                ));
             }
             inputs = layer.outputs;
         }
@@ -356,7 +371,9 @@ impl<T: Real> ScoreMlp<'_, T> {
                 .all(|v| v.len() == rows);
         }
         if !ok {
-            return Err(Error::Shape("training kernel: inputs of different lengths".into()));
+            return Err(Error::Shape(
+                "training kernel: inputs of different lengths".into(),
+            ));
         }
         Ok(rows)
     }
@@ -380,7 +397,11 @@ impl<T: Real> ScoreMlp<'_, T> {
                 t: per_row(batch.t),
                 noise: &batch.noise[start * d..end * d],
                 sigma: per_row(batch.sigma),
-                sigma_dot: if batch.fpe.is_some() { per_row(batch.sigma_dot) } else { batch.sigma_dot },
+                sigma_dot: if batch.fpe.is_some() {
+                    per_row(batch.sigma_dot)
+                } else {
+                    batch.sigma_dot
+                },
                 dsm_sigma: per_row(batch.dsm_sigma),
                 dsm_weight: per_row(batch.dsm_weight),
                 fpe: batch.fpe.map(|f| FpeCoefficients {
@@ -395,13 +416,22 @@ impl<T: Real> ScoreMlp<'_, T> {
             .step_by(PART_ROWS)
             .map(|start| part(start, (start + PART_ROWS).min(rows)))
             .collect();
-        let mut results = parts.par_iter().map(|p| self.gradients_of_part(p)).collect::<Vec<_>>().into_iter();
+        let mut results = parts
+            .par_iter()
+            .map(|p| self.gradients_of_part(p))
+            .collect::<Vec<_>>()
+            .into_iter();
         let mut total = results.next().unwrap_or_else(|| self.gradients_of_part(batch))?;
         for result in results {
             let next = result?;
             total.dsm += next.dsm;
             total.penalty += next.penalty;
-            for (a, b) in total.weights.iter_mut().chain(&mut total.biases).zip(next.weights.iter().chain(&next.biases)) {
+            for (a, b) in total
+                .weights
+                .iter_mut()
+                .chain(&mut total.biases)
+                .zip(next.weights.iter().chain(&next.biases))
+            {
                 a.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b);
             }
         }
@@ -430,7 +460,9 @@ impl<T: Real> ScoreMlp<'_, T> {
         let last = activations.last().map(Vec::as_slice).unwrap_or_default();
         let mut net = forward_linear(&self.output, last, jet_rows);
         for row in net[..rows * self.dim].chunks_exact_mut(self.dim) {
-            row.iter_mut().zip(self.output.bias).for_each(|(v, &b)| *v = *v + b);
+            row.iter_mut()
+                .zip(self.output.bias)
+                .for_each(|(v, &b)| *v = *v + b);
         }
 
         // The objective and its adjoint with respect to the output jets.
@@ -544,7 +576,14 @@ impl<T: Real> ScoreMlp<'_, T> {
     }
 
     /// The adjoint of the pre-activation jets from that of the activation jets.
-    fn activation_adjoint(&self, post: &[T], state: &HiddenState<T>, rows: usize, width: usize, jets: &Jets) -> Vec<T> {
+    fn activation_adjoint(
+        &self,
+        post: &[T],
+        state: &HiddenState<T>,
+        rows: usize,
+        width: usize,
+        jets: &Jets,
+    ) -> Vec<T> {
         let n = rows * width;
         let [d1, d2, d3] = &state.slopes;
         let pre = |j: usize| &state.pre[j * n..(j + 1) * n];
@@ -661,9 +700,9 @@ impl<T: Real> ScoreMlp<'_, T> {
                 }
                 adjoint[b * d + i] = adjoint[b * d + i] + s_bar / sigma;
                 // H̄ᵢ(ik) += ½g²qₖ for every k (the pair {i, k}).
-                for k in 0..d {
+                for (k, &qk) in q.iter().enumerate() {
                     let slot = jets.pair(pair_index(d, i, k)) * block + b * d + i;
-                    adjoint[slot] = adjoint[slot] + half * g2 * q[k] / sigma;
+                    adjoint[slot] = adjoint[slot] + half * g2 * qk / sigma;
                 }
             }
         }

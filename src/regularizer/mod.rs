@@ -155,11 +155,9 @@ impl<S: Sde, M, R: Regularizer<S, M>> Regularizer<S, M> for TimeWindow<R> {
         }
         let fraction = inside.len() as f64 / times.len() as f64;
         let rows = Tensor::new(inside, x_t.device())?;
-        let Some(selected) = self.inner.squared_fpe_weights(
-            sde,
-            &x_t.index_select(&rows, 0)?,
-            &t.index_select(&rows, 0)?,
-        )?
+        let Some(selected) =
+            self.inner
+                .squared_fpe_weights(sde, &x_t.index_select(&rows, 0)?, &t.index_select(&rows, 0)?)?
         else {
             return Ok(None);
         };

@@ -15,8 +15,8 @@ use super::{LogDensityModel, ScoreModel};
 use crate::error::ensure;
 use crate::kernels::training::{Batch, FpeCoefficients, Layer, Real, ScoreMlp};
 use crate::kernels::{DenseView, InferenceScope, Pointwise, ScoreMlpView};
-use crate::train::{ObjectiveGradients, ObjectiveTerms};
 use crate::sde::Sde;
+use crate::train::{ObjectiveGradients, ObjectiveTerms};
 use crate::{Error, Result};
 
 /// The nonlinearity between hidden layers.
@@ -547,11 +547,19 @@ impl<S: Sde> MlpScore<S> {
             None => Vec::new(),
         };
         let fpe_values = match &terms.fpe {
-            Some(f) => Some((values(&f.weight)?, values(&f.diffusion_squared)?, values(&f.drift)?)),
+            Some(f) => Some((
+                values(&f.weight)?,
+                values(&f.diffusion_squared)?,
+                values(&f.drift)?,
+            )),
             None => None,
         };
         let (x, times, noise) = (values(&batch.x_t)?, values(&t)?, values(&batch.noise)?);
-        let (sigma, dsm_sigma, dsm_weight) = (values(&sigma)?, values(&terms.dsm_sigma)?, values(&terms.dsm_weight)?);
+        let (sigma, dsm_sigma, dsm_weight) = (
+            values(&sigma)?,
+            values(&terms.dsm_sigma)?,
+            values(&terms.dsm_weight)?,
+        );
         let penalty_weight = terms.fpe.as_ref().map_or(0.0, |f| f.penalty_weight);
         let kernel_batch = Batch {
             x: &x,
