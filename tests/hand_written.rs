@@ -68,9 +68,9 @@ fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
 
 /// Evaluates `objective` on one seeded batch both ways and compares every term and
 /// gradient; returns the hand-written penalty (to check it is not trivially zero).
-fn compare<S, R>(
+fn compare<S, Own, R>(
     sde: &S,
-    model: &MlpScore<S>,
+    model: &MlpScore<Own>,
     vars: &VarMap,
     loss: Dsm,
     penalty: Option<(f64, R)>,
@@ -79,7 +79,8 @@ fn compare<S, R>(
 ) -> Option<f64>
 where
     S: Sde,
-    R: Regularizer<S, MlpScore<S>>,
+    Own: Sde,
+    R: Regularizer<S, MlpScore<Own>>,
 {
     let mut objective = Objective::new(sde, model).with_loss(loss);
     if let Some((weight, r)) = penalty {
@@ -156,7 +157,7 @@ fn dsm_gradients_match_autodiff_for_every_weighting() {
                 let vars = VarMap::new();
                 let m = model(&vars, sde, 2, activation, DType::F64);
                 let loss = Dsm::default().with_weighting(weighting).with_reduction(reduction);
-                compare::<_, ScoreFpe>(
+                compare::<_, _, ScoreFpe>(
                     &sde,
                     &m,
                     &vars,
@@ -201,44 +202,39 @@ fn fpe_gradients_match_autodiff() {
     }
 }
 
-/// Other SDEs (drift zero for VE, time-dependent for sub-VP, constant for OU), and a model
-/// whose own SDE (its σ(t)) differs from the objective's.
+/// Other SDEs: drift zero (VE), time-dependent (sub-VP), constant (OU); and a model built
+/// for another SDE than the objective's.
 #[test]
 fn fpe_gradients_match_autodiff_under_every_sde() {
+    fn check<S: Sde + Copy>(sde: S, activation: Activation, loss: Dsm) {
+        let vars = VarMap::new();
+        let m = model(&vars, sde, 2, activation, DType::F64);
+        let x0 = batch(2, 16, DType::F64);
+        compare(
+            &sde,
+            &m,
+            &vars,
+            loss,
+            Some((1.0, exact_fpe())),
+            &x0,
+            F64_TOLERANCE,
+        );
+    }
+    let beta = Dsm::default().with_time_sampling(TimeSampling::Beta12);
+    check(VeSde::default(), Activation::Silu, beta);
+    check(SubVpSde::default(), Activation::Silu, beta);
+    check(OuSde::default(), Activation::Tanh, Dsm::default());
+
+    // A model whose own σ(t) (it divides by) is not the objective's.
+    let vars = VarMap::new();
+    let m = model(&vars, VpSde::default(), 2, Activation::Silu, DType::F64);
     let x0 = batch(2, 16, DType::F64);
-    let loss = Dsm::default().with_time_sampling(TimeSampling::Beta12);
-    let vars = VarMap::new();
-    let sde = VeSde::default();
-    let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
-    compare(
-        &sde,
-        &m,
-        &vars,
-        loss,
-        Some((1.0, exact_fpe())),
-        &x0,
-        F64_TOLERANCE,
-    );
-    let vars = VarMap::new();
     let sde = SubVpSde::default();
-    let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
     compare(
         &sde,
         &m,
         &vars,
-        loss,
-        Some((1.0, exact_fpe())),
-        &x0,
-        F64_TOLERANCE,
-    );
-    let vars = VarMap::new();
-    let sde = OuSde::default();
-    let m = model(&vars, sde, 2, Activation::Tanh, DType::F64);
-    compare(
-        &sde,
-        &m,
-        &vars,
-        Dsm::default(),
+        beta,
         Some((1.0, exact_fpe())),
         &x0,
         F64_TOLERANCE,
@@ -272,7 +268,7 @@ fn large_batches_split_across_threads_match_autodiff() {
     let vars = VarMap::new();
     let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
     let x0 = batch(2, 600, DType::F64);
-    compare::<_, ScoreFpe>(&sde, &m, &vars, Dsm::default(), None, &x0, F64_TOLERANCE);
+    compare::<_, _, ScoreFpe>(&sde, &m, &vars, Dsm::default(), None, &x0, F64_TOLERANCE);
     compare(
         &sde,
         &m,
@@ -310,7 +306,7 @@ fn f32_gradients_match_autodiff() {
     let vars = VarMap::new();
     let m = model(&vars, sde, 2, Activation::Silu, DType::F32);
     let x0 = batch(2, 64, DType::F32);
-    compare::<_, ScoreFpe>(&sde, &m, &vars, Dsm::default(), None, &x0, 1e-4);
+    compare::<_, _, ScoreFpe>(&sde, &m, &vars, Dsm::default(), None, &x0, 1e-4);
     let fpe = exact_fpe()
         .with_weighting(TimeWeighting::Constant)
         .with_normalization(false);
