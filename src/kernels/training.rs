@@ -133,15 +133,21 @@ pub(crate) struct Layer<'a, T> {
     pub(crate) outputs: usize,
 }
 
+/// Hidden layers `a = ψ(W a + b)`, then a linear output layer.
+#[derive(Debug, Clone)]
+pub(crate) struct Stack<'a, T> {
+    pub(crate) hidden: Vec<Layer<'a, T>>,
+    pub(crate) output: Layer<'a, T>,
+    /// The hidden layers' activation.
+    pub(crate) activation: Pointwise,
+}
+
 /// `s(x, t) = MLP([x, sin(2πtw), cos(2πtw)]) / σ(t)`: `MlpScore`'s layout.
 #[derive(Debug, Clone)]
 pub(crate) struct ScoreMlp<'a, T> {
     pub(crate) dim: usize,
     pub(crate) frequencies: &'a [T],
-    pub(crate) hidden: Vec<Layer<'a, T>>,
-    pub(crate) output: Layer<'a, T>,
-    /// The hidden layers' activation (`Silu` or `Tanh`).
-    pub(crate) activation: Pointwise,
+    pub(crate) stack: Stack<'a, T>,
 }
 
 /// The score-FPE part of the objective: `Σ_b weight_b ‖r_b‖²` with
@@ -183,48 +189,53 @@ pub(crate) struct Gradients<T> {
     pub(crate) biases: Vec<Vec<T>>,
 }
 
-/// Which jets travel with the values: just the value (DSM), or the value, `d` first
-/// derivatives in x, one in t, and the `d(d+1)/2` second derivatives in x (FPE).
+/// Which jets travel with the values: always the value; optionally the first derivatives
+/// in each `xₖ` and in `t`, and second derivatives in the listed pairs `(j, k)`, `j ≤ k`.
+/// Blocks are laid out in that order.
 #[derive(Debug, Clone)]
 struct Jets {
     dim: usize,
-    count: usize,
-    /// `(j, k)`, `j ≤ k`, for jet `first_pair + i`.
+    x: bool,
+    t: bool,
     pairs: Vec<(usize, usize)>,
+    count: usize,
 }
 
 impl Jets {
-    fn new(dim: usize, fpe: bool) -> Self {
-        if !fpe {
-            return Self {
-                dim,
-                count: 1,
-                pairs: Vec::new(),
-            };
-        }
-        let pairs: Vec<(usize, usize)> = (0..dim).flat_map(|j| (j..dim).map(move |k| (j, k))).collect();
+    fn new(dim: usize, x: bool, t: bool, pairs: Vec<(usize, usize)>) -> Self {
+        let count = 1 + if x { dim } else { 0 } + usize::from(t) + pairs.len();
         Self {
             dim,
-            count: 2 + dim + pairs.len(),
+            x,
+            t,
             pairs,
+            count,
         }
+    }
+    /// The value only.
+    fn value(dim: usize) -> Self {
+        Self::new(dim, false, false, Vec::new())
+    }
+    /// Every pair `j ≤ k`, row by row (see [`pair_index`]).
+    fn all_pairs(dim: usize) -> Vec<(usize, usize)> {
+        (0..dim).flat_map(|j| (j..dim).map(move |k| (j, k))).collect()
     }
     fn x(&self, k: usize) -> usize {
         1 + k
     }
     fn t(&self) -> usize {
-        1 + self.dim
+        1 + if self.x { self.dim } else { 0 }
     }
     fn pair(&self, i: usize) -> usize {
-        2 + self.dim + i
+        self.t() + usize::from(self.t) + i
     }
     /// The first-order jets (x directions, then t).
     fn first_order(&self) -> std::ops::Range<usize> {
-        if self.count == 1 {
-            1..1
-        } else {
-            1..2 + self.dim
-        }
+        1..self.pair(0)
+    }
+    /// The x direction of jet `j`, if it is one.
+    fn x_direction(&self, j: usize) -> Option<usize> {
+        (self.x && (1..=self.dim).contains(&j)).then(|| j - 1)
     }
 }
 
@@ -348,21 +359,9 @@ impl<T: Real> ScoreMlp<'_, T> {
     fn validate(&self, batch: &Batch<'_, T>) -> Result<usize> {
         let d = self.dim;
         let rows = batch.t.len();
-        let mut inputs = d + 2 * self.frequencies.len();
-        for layer in self.hidden.iter().chain([&self.output]) {
-            if layer.inputs != inputs
-                || layer.weight.len() != layer.inputs * layer.outputs
-                || layer.bias.len() != layer.outputs
-            {
-                return Err(Error::Shape(
-                    "the score network's layers do not fit together".into(),
-                ));
-            }
-            inputs = layer.outputs;
-        }
+        self.stack.check(d + 2 * self.frequencies.len(), d)?;
         let per_row = [batch.sigma, batch.dsm_sigma, batch.dsm_weight];
-        let mut ok = self.output.outputs == d
-            && batch.x.len() == rows * d
+        let mut ok = batch.x.len() == rows * d
             && batch.noise.len() == rows * d
             && per_row.iter().all(|v| v.len() == rows);
         if let Some(fpe) = &batch.fpe {
@@ -386,105 +385,20 @@ impl<T: Real> ScoreMlp<'_, T> {
     /// on the batch size, so results do not depend on the number of threads.
     pub(crate) fn gradients(&self, batch: &Batch<'_, T>) -> Result<Gradients<T>> {
         let rows = self.validate(batch)?;
-        let d = self.dim;
-        let part = |start: usize, end: usize| {
-            fn rows<U>(v: &[U], range: std::ops::Range<usize>) -> &[U] {
-                &v[range]
-            }
-            let per_row = |v| rows(v, start..end);
-            Batch {
-                x: &batch.x[start * d..end * d],
-                t: per_row(batch.t),
-                noise: &batch.noise[start * d..end * d],
-                sigma: per_row(batch.sigma),
-                sigma_dot: if batch.fpe.is_some() {
-                    per_row(batch.sigma_dot)
-                } else {
-                    batch.sigma_dot
-                },
-                dsm_sigma: per_row(batch.dsm_sigma),
-                dsm_weight: per_row(batch.dsm_weight),
-                fpe: batch.fpe.map(|f| FpeCoefficients {
-                    weight: per_row(f.weight),
-                    diffusion_squared: per_row(f.diffusion_squared),
-                    drift: per_row(f.drift),
-                    penalty_weight: f.penalty_weight,
-                }),
-            }
-        };
-        let parts: Vec<Batch<'_, T>> = (0..rows)
-            .step_by(PART_ROWS)
-            .map(|start| part(start, (start + PART_ROWS).min(rows)))
-            .collect();
-        let mut results = parts
-            .par_iter()
-            .map(|p| self.gradients_of_part(p))
-            .collect::<Vec<_>>()
-            .into_iter();
-        let mut total = results.next().unwrap_or_else(|| self.gradients_of_part(batch))?;
-        for result in results {
-            let next = result?;
-            total.dsm += next.dsm;
-            total.penalty += next.penalty;
-            for (a, b) in total
-                .weights
-                .iter_mut()
-                .chain(&mut total.biases)
-                .zip(next.weights.iter().chain(&next.biases))
-            {
-                a.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b);
-            }
-        }
-        Ok(total)
+        in_parts(rows, |range| {
+            self.gradients_of_part(&batch.rows(self.dim, range))
+        })
     }
 
     /// [`Self::gradients`] on one part of the batch, single-threaded.
     fn gradients_of_part(&self, batch: &Batch<'_, T>) -> Result<Gradients<T>> {
-        let rows = batch.t.len();
-        let jets = Jets::new(self.dim, batch.fpe.is_some());
-        let jet_rows = jets.count * rows;
-
-        // Forward: the input jets, then every hidden layer's.
-        let mut activations = vec![self.input_jets(batch, &jets)];
-        let mut states = Vec::with_capacity(self.hidden.len());
-        for layer in &self.hidden {
-            let input = activations.last().map(Vec::as_slice).unwrap_or_default();
-            let mut pre = forward_linear(layer, input, jet_rows);
-            for row in pre[..rows * layer.outputs].chunks_exact_mut(layer.outputs) {
-                row.iter_mut().zip(layer.bias).for_each(|(v, &b)| *v = *v + b);
-            }
-            let (out, slopes) = self.activate(&pre, rows, layer.outputs, &jets);
-            activations.push(out);
-            states.push(HiddenState { pre, slopes });
-        }
-        let last = activations.last().map(Vec::as_slice).unwrap_or_default();
-        let mut net = forward_linear(&self.output, last, jet_rows);
-        for row in net[..rows * self.dim].chunks_exact_mut(self.dim) {
-            row.iter_mut()
-                .zip(self.output.bias)
-                .for_each(|(v, &b)| *v = *v + b);
-        }
-
-        // The objective and its adjoint with respect to the output jets.
-        let (dsm, penalty, net_adjoint) = self.objective(batch, &net, &jets);
-
-        // Reverse.
-        let layers = self.hidden.len() + 1;
-        let mut weights = Vec::with_capacity(layers);
-        let mut biases = Vec::with_capacity(layers);
-        let (w, mut adjoint) = backward_linear(&self.output, &net_adjoint, last, jet_rows, true);
-        weights.push(w);
-        biases.push(column_sums(&net_adjoint, rows, self.dim));
-        for (l, (layer, state)) in self.hidden.iter().zip(&states).enumerate().rev() {
-            let post = adjoint.take().unwrap_or_default();
-            let pre_adjoint = self.activation_adjoint(&post, state, rows, layer.outputs, &jets);
-            let (w, a) = backward_linear(layer, &pre_adjoint, &activations[l], jet_rows, l > 0);
-            weights.push(w);
-            biases.push(column_sums(&pre_adjoint, rows, layer.outputs));
-            adjoint = a;
-        }
-        weights.reverse();
-        biases.reverse();
+        let jets = match batch.fpe {
+            Some(_) => Jets::new(self.dim, true, true, Jets::all_pairs(self.dim)),
+            None => Jets::value(self.dim),
+        };
+        let pass = self.stack.forward(self.input_jets(batch, &jets), batch.t.len(), &jets);
+        let (dsm, penalty, adjoint) = self.objective(batch, &pass.output, &jets);
+        let (weights, biases) = self.stack.backward(&pass, &adjoint, &jets);
         Ok(Gradients {
             dsm,
             penalty,
@@ -525,6 +439,165 @@ impl<T: Real> ScoreMlp<'_, T> {
             }
         }
         input
+    }
+
+    /// DSM (and the FPE penalty) from the output jets `net` (`[J·B, d]`), and their
+    /// adjoint.
+    fn objective(&self, batch: &Batch<'_, T>, net: &[T], jets: &Jets) -> (f64, f64, Vec<T>) {
+        let d = self.dim;
+        let rows = batch.t.len();
+        let block = rows * d;
+        let mut adjoint = vec![T::zero(); net.len()];
+        let two = T::one() + T::one();
+        let half = T::one() / two;
+        let (mut dsm, mut penalty) = (0.0f64, 0.0f64);
+        // Per-sample scratch: s, ∂ₜs, J (J[i·d + k] = ∂sᵢ/∂xₖ), r, q = −r̄.
+        let mut s = vec![T::zero(); d];
+        let mut jac = vec![T::zero(); d * d];
+        let mut r = vec![T::zero(); d];
+        let mut q = vec![T::zero(); d];
+        for b in 0..rows {
+            let sigma = batch.sigma[b];
+            let n = &net[b * d..(b + 1) * d];
+            let z = &batch.noise[b * d..(b + 1) * d];
+            // DSM: w‖c·n/σ + z‖².
+            let (scale, weight) = (batch.dsm_sigma[b] / sigma, batch.dsm_weight[b]);
+            for i in 0..d {
+                let e = scale * n[i] + z[i];
+                dsm += (weight * e * e).to_f64().unwrap_or(f64::NAN);
+                adjoint[b * d + i] = two * weight * e * scale;
+            }
+            let Some(fpe) = &batch.fpe else { continue };
+            let (g2, a, w) = (fpe.diffusion_squared[b], fpe.drift[b], fpe.weight[b]);
+            let x = &batch.x[b * d..(b + 1) * d];
+            let at = |jet: usize, i: usize| net[jet * block + b * d + i];
+            let sigma_dot = batch.sigma_dot[b];
+            for i in 0..d {
+                s[i] = n[i] / sigma;
+                for k in 0..d {
+                    jac[i * d + k] = at(jets.x(k), i) / sigma;
+                }
+            }
+            // ∂ₖφ = ½g²Σᵢ∂ₖ∂ᵢsᵢ + g²Σᵢsᵢ∂ₖsᵢ − a(sₖ + Σᵢxᵢ∂ₖsᵢ)
+            let mut norm = T::zero();
+            for k in 0..d {
+                let mut grad_phi = -a * s[k];
+                for i in 0..d {
+                    let hess = at(jets.pair(pair_index(d, i, k)), i) / sigma;
+                    grad_phi = grad_phi + half * g2 * hess + (g2 * s[i] - a * x[i]) * jac[i * d + k];
+                }
+                let ds_dt = at(jets.t(), k) / sigma - n[k] * sigma_dot / (sigma * sigma);
+                r[k] = ds_dt - grad_phi;
+                norm = norm + r[k] * r[k];
+            }
+            penalty += (w * norm).to_f64().unwrap_or(f64::NAN);
+            let lambda = fpe.penalty_weight;
+            for k in 0..d {
+                let r_bar = lambda * w * two * r[k];
+                q[k] = -r_bar;
+                // ∂ₜsₖ = n_{k,t}/σ − nₖσ'/σ²
+                adjoint[jets.t() * block + b * d + k] = r_bar / sigma;
+                adjoint[b * d + k] = adjoint[b * d + k] - r_bar * sigma_dot / (sigma * sigma);
+            }
+            for i in 0..d {
+                // s̄ᵢ = g²Σₖ∂ₖsᵢ·qₖ − a·qᵢ, through sᵢ = nᵢ/σ.
+                let mut s_bar = -a * q[i];
+                for k in 0..d {
+                    s_bar = s_bar + g2 * jac[i * d + k] * q[k];
+                    // J̄ᵢₖ = (g²sᵢ − a·xᵢ)qₖ
+                    adjoint[jets.x(k) * block + b * d + i] = (g2 * s[i] - a * x[i]) * q[k] / sigma;
+                }
+                adjoint[b * d + i] = adjoint[b * d + i] + s_bar / sigma;
+                // H̄ᵢ(ik) += ½g²qₖ for every k (the pair {i, k}).
+                for (k, &qk) in q.iter().enumerate() {
+                    let slot = jets.pair(pair_index(d, i, k)) * block + b * d + i;
+                    adjoint[slot] = adjoint[slot] + half * g2 * qk / sigma;
+                }
+            }
+        }
+        (dsm, penalty, adjoint)
+    }
+}
+
+/// A forward pass through a [`Stack`]: what the reverse pass needs.
+struct Pass<T> {
+    rows: usize,
+    /// The input jets of every layer (the network's input, then each hidden layer's output).
+    activations: Vec<Vec<T>>,
+    states: Vec<HiddenState<T>>,
+    /// The output jets, `[J·B, outputs]`.
+    output: Vec<T>,
+}
+
+impl<T: Real> Stack<'_, T> {
+    /// Checks that the layers chain from `inputs` to `outputs`.
+    fn check(&self, inputs: usize, outputs: usize) -> Result<()> {
+        let mut width = inputs;
+        for layer in self.hidden.iter().chain([&self.output]) {
+            if layer.inputs != width
+                || layer.weight.len() != layer.inputs * layer.outputs
+                || layer.bias.len() != layer.outputs
+            {
+                return Err(Error::Shape("the network's layers do not fit together".into()));
+            }
+            width = layer.outputs;
+        }
+        if width != outputs {
+            return Err(Error::Shape(format!(
+                "the network has {width} outputs, expected {outputs}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The number of layers with parameters (hidden and output).
+    fn layers(&self) -> usize {
+        self.hidden.len() + 1
+    }
+
+    /// Runs `rows` rows of input jets (`[J·rows, inputs]`) through the stack.
+    fn forward(&self, input: Vec<T>, rows: usize, jets: &Jets) -> Pass<T> {
+        let jet_rows = jets.count * rows;
+        let mut activations = vec![input];
+        let mut states = Vec::with_capacity(self.hidden.len());
+        for layer in &self.hidden {
+            let input = activations.last().map(Vec::as_slice).unwrap_or_default();
+            let pre = affine(layer, input, rows, jet_rows);
+            let (out, slopes) = self.activate(&pre, rows, layer.outputs, jets);
+            activations.push(out);
+            states.push(HiddenState { pre, slopes });
+        }
+        let last = activations.last().map(Vec::as_slice).unwrap_or_default();
+        let output = affine(&self.output, last, rows, jet_rows);
+        Pass {
+            rows,
+            activations,
+            states,
+            output,
+        }
+    }
+
+    /// The weight and bias gradients, layer by layer, from the adjoint of the output jets.
+    fn backward(&self, pass: &Pass<T>, output_adjoint: &[T], jets: &Jets) -> (Vec<Vec<T>>, Vec<Vec<T>>) {
+        let (rows, jet_rows) = (pass.rows, jets.count * pass.rows);
+        let mut weights = Vec::with_capacity(self.layers());
+        let mut biases = Vec::with_capacity(self.layers());
+        let last = pass.activations.last().map(Vec::as_slice).unwrap_or_default();
+        let has_hidden = !self.hidden.is_empty();
+        let (w, mut adjoint) = backward_linear(&self.output, output_adjoint, last, jet_rows, has_hidden);
+        weights.push(w);
+        biases.push(column_sums(output_adjoint, rows, self.output.outputs));
+        for (l, (layer, state)) in self.hidden.iter().zip(&pass.states).enumerate().rev() {
+            let post = adjoint.take().unwrap_or_default();
+            let pre_adjoint = self.activation_adjoint(&post, state, rows, layer.outputs, jets);
+            let (w, a) = backward_linear(layer, &pre_adjoint, &pass.activations[l], jet_rows, l > 0);
+            weights.push(w);
+            biases.push(column_sums(&pre_adjoint, rows, layer.outputs));
+            adjoint = a;
+        }
+        weights.reverse();
+        biases.reverse();
+        (weights, biases)
     }
 
     /// The activation jets of pre-activation jets `pre` (`[J·B, width]`) and the slopes.
@@ -612,9 +685,8 @@ impl<T: Real> ScoreMlp<'_, T> {
                 for i in 0..n {
                     dst[i] = d1[i] * a[i];
                 }
-                if j < jets.t() {
+                if let Some(k) = jets.x_direction(j) {
                     // An x direction k: the pairs that contain k pass the other factor on.
-                    let k = j - 1;
                     for (m, &(p, q)) in jets.pairs.iter().enumerate() {
                         let apq = post_block(jets.pair(m));
                         for (this, other) in [(p, q), (q, p)] {
@@ -632,81 +704,79 @@ impl<T: Real> ScoreMlp<'_, T> {
         out
     }
 
-    /// DSM (and the FPE penalty) from the output jets `net` (`[J·B, d]`), and their
-    /// adjoint.
-    fn objective(&self, batch: &Batch<'_, T>, net: &[T], jets: &Jets) -> (f64, f64, Vec<T>) {
-        let d = self.dim;
-        let rows = batch.t.len();
-        let block = rows * d;
-        let mut adjoint = vec![T::zero(); net.len()];
-        let two = T::one() + T::one();
-        let half = T::one() / two;
-        let (mut dsm, mut penalty) = (0.0f64, 0.0f64);
-        // Per-sample scratch: s, ∂ₜs, J (J[i·d + k] = ∂sᵢ/∂xₖ), r, q = −r̄.
-        let mut s = vec![T::zero(); d];
-        let mut jac = vec![T::zero(); d * d];
-        let mut r = vec![T::zero(); d];
-        let mut q = vec![T::zero(); d];
-        for b in 0..rows {
-            let sigma = batch.sigma[b];
-            let n = &net[b * d..(b + 1) * d];
-            let z = &batch.noise[b * d..(b + 1) * d];
-            // DSM: w‖c·n/σ + z‖².
-            let (scale, weight) = (batch.dsm_sigma[b] / sigma, batch.dsm_weight[b]);
-            for i in 0..d {
-                let e = scale * n[i] + z[i];
-                dsm += (weight * e * e).to_f64().unwrap_or(f64::NAN);
-                adjoint[b * d + i] = two * weight * e * scale;
-            }
-            let Some(fpe) = &batch.fpe else { continue };
-            let (g2, a, w) = (fpe.diffusion_squared[b], fpe.drift[b], fpe.weight[b]);
-            let x = &batch.x[b * d..(b + 1) * d];
-            let at = |jet: usize, i: usize| net[jet * block + b * d + i];
-            let sigma_dot = batch.sigma_dot[b];
-            for i in 0..d {
-                s[i] = n[i] / sigma;
-                for k in 0..d {
-                    jac[i * d + k] = at(jets.x(k), i) / sigma;
-                }
-            }
-            // ∂ₖφ = ½g²Σᵢ∂ₖ∂ᵢsᵢ + g²Σᵢsᵢ∂ₖsᵢ − a(sₖ + Σᵢxᵢ∂ₖsᵢ)
-            let mut norm = T::zero();
-            for k in 0..d {
-                let mut grad_phi = -a * s[k];
-                for i in 0..d {
-                    let hess = at(jets.pair(pair_index(d, i, k)), i) / sigma;
-                    grad_phi = grad_phi + half * g2 * hess + (g2 * s[i] - a * x[i]) * jac[i * d + k];
-                }
-                let ds_dt = at(jets.t(), k) / sigma - n[k] * sigma_dot / (sigma * sigma);
-                r[k] = ds_dt - grad_phi;
-                norm = norm + r[k] * r[k];
-            }
-            penalty += (w * norm).to_f64().unwrap_or(f64::NAN);
-            let lambda = fpe.penalty_weight;
-            for k in 0..d {
-                let r_bar = lambda * w * two * r[k];
-                q[k] = -r_bar;
-                // ∂ₜsₖ = n_{k,t}/σ − nₖσ'/σ²
-                adjoint[jets.t() * block + b * d + k] = r_bar / sigma;
-                adjoint[b * d + k] = adjoint[b * d + k] - r_bar * sigma_dot / (sigma * sigma);
-            }
-            for i in 0..d {
-                // s̄ᵢ = g²Σₖ∂ₖsᵢ·qₖ − a·qᵢ, through sᵢ = nᵢ/σ.
-                let mut s_bar = -a * q[i];
-                for k in 0..d {
-                    s_bar = s_bar + g2 * jac[i * d + k] * q[k];
-                    // J̄ᵢₖ = (g²sᵢ − a·xᵢ)qₖ
-                    adjoint[jets.x(k) * block + b * d + i] = (g2 * s[i] - a * x[i]) * q[k] / sigma;
-                }
-                adjoint[b * d + i] = adjoint[b * d + i] + s_bar / sigma;
-                // H̄ᵢ(ik) += ½g²qₖ for every k (the pair {i, k}).
-                for (k, &qk) in q.iter().enumerate() {
-                    let slot = jets.pair(pair_index(d, i, k)) * block + b * d + i;
-                    adjoint[slot] = adjoint[slot] + half * g2 * qk / sigma;
-                }
-            }
+}
+
+/// `input · Wᵀ`, plus the bias on the value block (the first `rows` rows).
+fn affine<T: Real>(layer: &Layer<'_, T>, input: &[T], rows: usize, jet_rows: usize) -> Vec<T> {
+    let mut out = forward_linear(layer, input, jet_rows);
+    for row in out[..rows * layer.outputs].chunks_exact_mut(layer.outputs) {
+        row.iter_mut().zip(layer.bias).for_each(|(v, &b)| *v = *v + b);
+    }
+    out
+}
+
+/// Runs `part` on consecutive ranges of [`PART_ROWS`] rows in parallel and adds up the
+/// results (every term is a sum over rows). The cut depends only on `rows`, so results
+/// do not depend on the number of threads.
+fn in_parts<T: Real>(
+    rows: usize,
+    part: impl Fn(std::ops::Range<usize>) -> Result<Gradients<T>> + Sync,
+) -> Result<Gradients<T>> {
+    let ranges: Vec<_> = (0..rows)
+        .step_by(PART_ROWS)
+        .map(|start| start..(start + PART_ROWS).min(rows))
+        .collect();
+    let results: Vec<Result<Gradients<T>>> = ranges.into_par_iter().map(&part).collect();
+    let mut total: Option<Gradients<T>> = None;
+    for result in results {
+        let next = result?;
+        match &mut total {
+            None => total = Some(next),
+            Some(total) => total.add(&next),
         }
-        (dsm, penalty, adjoint)
+    }
+    total.ok_or_else(|| Error::Shape("training kernel: an empty batch".into()))
+}
+
+impl<T: Real> Gradients<T> {
+    /// Adds another part's values and gradients.
+    fn add(&mut self, other: &Self) {
+        self.dsm += other.dsm;
+        self.penalty += other.penalty;
+        for (a, b) in self
+            .weights
+            .iter_mut()
+            .chain(&mut self.biases)
+            .zip(other.weights.iter().chain(&other.biases))
+        {
+            a.iter_mut().zip(b).for_each(|(a, &b)| *a = *a + b);
+        }
+    }
+}
+
+impl<'a, T: Real> Batch<'a, T> {
+    /// The rows `range` of the batch.
+    fn rows(&self, d: usize, range: std::ops::Range<usize>) -> Batch<'a, T> {
+        fn rows<U>(v: &[U], range: std::ops::Range<usize>) -> &[U] {
+            &v[range]
+        }
+        let (start, end) = (range.start, range.end);
+        let per_row = |v| rows(v, start..end);
+        Batch {
+            x: &self.x[start * d..end * d],
+            t: per_row(self.t),
+            noise: &self.noise[start * d..end * d],
+            sigma: per_row(self.sigma),
+            sigma_dot: if self.fpe.is_some() { per_row(self.sigma_dot) } else { self.sigma_dot },
+            dsm_sigma: per_row(self.dsm_sigma),
+            dsm_weight: per_row(self.dsm_weight),
+            fpe: self.fpe.map(|f| FpeCoefficients {
+                weight: per_row(f.weight),
+                diffusion_squared: per_row(f.diffusion_squared),
+                drift: per_row(f.drift),
+                penalty_weight: f.penalty_weight,
+            }),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::{LogDensityModel, ScoreModel};
 use crate::error::ensure;
-use crate::kernels::training::{Batch, FpeCoefficients, Layer, Real, ScoreMlp};
+use crate::kernels::training::{Batch, FpeCoefficients, Layer, Real, ScoreMlp, Stack};
 use crate::kernels::{DenseView, InferenceScope, Pointwise, ScoreMlpView};
 use crate::sde::Sde;
 use crate::train::{ObjectiveGradients, ObjectiveTerms};
@@ -180,6 +180,60 @@ impl Perceptron {
             h = self.activation.apply(&layer.forward(&h)?)?;
         }
         Ok(self.output.forward(&h)?)
+    }
+
+    /// Runs `f` on the values of `extra` tensors and of the layers (as a kernel [`Stack`])
+    /// read in place, holding read guards on their storage: `None` unless every one is a
+    /// contiguous CPU tensor of type `T` and every layer has a bias.
+    fn with_stack<T: WithDType + Real, R>(
+        &self,
+        activation: Pointwise,
+        extra: &[&Tensor],
+        f: impl FnOnce(&[&[T]], Stack<'_, T>) -> Result<R>,
+    ) -> Result<Option<R>> {
+        let linears: Vec<&Linear> = self.hidden.iter().chain([&self.output]).collect();
+        let mut tensors = extra.to_vec();
+        for layer in &linears {
+            match layer.bias() {
+                Some(bias) => tensors.extend([layer.weight(), bias]),
+                None => return Ok(None),
+            }
+        }
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut slices = Vec::with_capacity(guards.len());
+        for ((storage, layout), tensor) in guards.iter().zip(&tensors) {
+            let (Storage::Cpu(cpu), Some((start, end))) = (&**storage, layout.contiguous_offsets()) else {
+                return Ok(None);
+            };
+            let Ok(data) = T::cpu_storage_as_slice(cpu) else {
+                return Ok(None);
+            };
+            debug_assert_eq!(end - start, tensor.elem_count());
+            slices.push(&data[start..end]);
+        }
+        let (extra, parameters) = slices.split_at(extra.len());
+        let mut layers = linears
+            .iter()
+            .zip(parameters.chunks_exact(2))
+            .map(|(layer, wb)| {
+                let (outputs, inputs) = layer.weight().dims2()?;
+                Ok(Layer {
+                    weight: wb[0],
+                    bias: wb[1],
+                    inputs,
+                    outputs,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let Some(output) = layers.pop() else {
+            return Ok(None);
+        };
+        let stack = Stack {
+            hidden: layers,
+            output,
+            activation,
+        };
+        f(extra, stack).map(Some)
     }
 
     /// The gradient of the (single) output with respect to the input, `[B, inputs]`, by a
@@ -441,10 +495,11 @@ impl<S: Sde> MlpScore<S> {
                 dim: network.dim,
                 frequencies: network.frequencies,
                 layers: network
+                    .stack
                     .hidden
                     .iter()
-                    .map(|l| dense(l, network.activation))
-                    .chain([dense(&network.output, Pointwise::Identity)])
+                    .map(|l| dense(l, network.stack.activation))
+                    .chain([dense(&network.stack.output, Pointwise::Identity)])
                     .collect(),
             };
             view.forward(&x_values, &t_values, &sigma_values, &mut out)
@@ -474,50 +529,13 @@ impl<S: Sde> MlpScore<S> {
         let Some(activation) = self.kernel_activation() else {
             return Ok(None);
         };
-        let linears: Vec<&Linear> = self.net.hidden.iter().chain([&self.net.output]).collect();
-        let mut tensors = vec![&self.time.frequencies];
-        for layer in &linears {
-            match layer.bias() {
-                Some(bias) => tensors.extend([layer.weight(), bias]),
-                None => return Ok(None),
-            }
-        }
-        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let mut slices = Vec::with_capacity(guards.len());
-        for ((storage, layout), tensor) in guards.iter().zip(&tensors) {
-            let (Storage::Cpu(cpu), Some((start, end))) = (&**storage, layout.contiguous_offsets()) else {
-                return Ok(None);
-            };
-            let Ok(data) = T::cpu_storage_as_slice(cpu) else {
-                return Ok(None);
-            };
-            debug_assert_eq!(end - start, tensor.elem_count());
-            slices.push(&data[start..end]);
-        }
-        let mut layers = linears
-            .iter()
-            .zip(slices[1..].chunks_exact(2))
-            .map(|(layer, wb)| {
-                let (outputs, inputs) = layer.weight().dims2()?;
-                Ok(Layer {
-                    weight: wb[0],
-                    bias: wb[1],
-                    inputs,
-                    outputs,
-                })
+        self.net.with_stack(activation, &[&self.time.frequencies], |extra, stack| {
+            f(ScoreMlp {
+                dim: self.config.dim,
+                frequencies: extra[0],
+                stack,
             })
-            .collect::<Result<Vec<_>>>()?;
-        let Some(output) = layers.pop() else {
-            return Ok(None);
-        };
-        let network = ScoreMlp {
-            dim: self.config.dim,
-            frequencies: slices[0],
-            hidden: layers,
-            output,
-            activation,
-        };
-        f(network).map(Some)
+        })
     }
 
     /// [`ScoreModel::objective_gradients`] in `T`.
