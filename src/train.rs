@@ -54,7 +54,7 @@ use rand::{RngCore, SeedableRng};
 use crate::data::Dataset;
 use crate::error::ensure;
 use crate::loss::{Dsm, DsmBatch};
-use crate::regularizer::Regularizer;
+use crate::regularizer::{PenaltyTerms, Regularizer};
 use crate::sde::Sde;
 use crate::{Error, Result, ScoreModel};
 
@@ -211,44 +211,38 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
 
     /// The objective on `batch` as per-sample coefficients, for
     /// [`ScoreModel::objective_gradients`]: `None` unless it has that form (at most one
-    /// penalty, and that one a squared score-FPE residual, see
-    /// [`Regularizer::squared_fpe_weights`]).
+    /// penalty, and that one with [`Regularizer::penalty_terms`]). Draws from `rng` what
+    /// the penalty would (collocation points).
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
     /// use rand::{rngs::StdRng, SeedableRng};
     /// use scoresde::autodiff::Divergence;
-    /// use scoresde::regularizer::{ScoreFpe, TimeDerivative};
+    /// use scoresde::regularizer::{PenaltyTerms, ScoreFpe, TimeDerivative};
     /// use scoresde::{sde::VpSde, train::Objective};
     /// let sde = VpSde::default();
     /// let model = |x: &Tensor, _t: &Tensor| Ok(x.neg()?);
     /// let fpe = ScoreFpe::new().with_divergence(Divergence::Exact)?.with_time_derivative(TimeDerivative::Autodiff);
     /// let objective = Objective::new(&sde, &model).with_penalty(1e-3, fpe)?;
+    /// let mut rng = StdRng::seed_from_u64(0);
     /// let x0 = Tensor::new(&[[0.5f64, -0.5], [1.0, 0.0]], &Device::Cpu)?;
-    /// let batch = objective.loss().draw(&sde, &x0, &mut StdRng::seed_from_u64(0))?;
-    /// let terms = objective.terms(&batch)?.expect("DSM plus a squared score-FPE penalty");
-    /// assert_eq!(terms.fpe.map(|f| f.penalty_weight), Some(1e-3));
+    /// let batch = objective.loss().draw(&sde, &x0, &mut rng)?;
+    /// let terms = objective.terms(&batch, &mut rng)?.expect("DSM plus a squared score-FPE penalty");
+    /// assert_eq!(terms.penalty_weight, 1e-3);
+    /// assert!(matches!(terms.penalty, Some(PenaltyTerms::ScoreFpe(_))));
     /// // The paper's default (Hutchinson probes, finite differences in t) is graph-only.
     /// let paper = Objective::new(&sde, &model).with_penalty(1e-3, ScoreFpe::new())?;
-    /// assert!(paper.terms(&batch)?.is_none());
+    /// assert!(paper.terms(&batch, &mut rng)?.is_none());
     /// # Ok::<(), scoresde::Error>(())
     /// ```
-    pub fn terms<'b>(&self, batch: &'b DsmBatch) -> Result<Option<ObjectiveTerms<'b>>> {
-        let fpe = match self.penalties.as_slice() {
-            [] => None,
+    pub fn terms<'b>(&self, batch: &'b DsmBatch, rng: &mut dyn RngCore) -> Result<Option<ObjectiveTerms<'b>>> {
+        let (penalty_weight, penalty) = match self.penalties.as_slice() {
+            [] => (0.0, None),
             [p] => match p
                 .regularizer
-                .squared_fpe_weights(self.sde, &batch.x_t, &batch.t)?
+                .penalty_terms(self.sde, &batch.x_t, &batch.t, rng)?
             {
-                Some(weight) => {
-                    let t = &batch.t;
-                    Some(FpeCoefficients {
-                        weight: weight.to_dtype(t.dtype())?,
-                        diffusion_squared: self.sde.diffusion_tensor(t)?.sqr()?,
-                        drift: self.sde.drift_coeff_tensor(t)?,
-                        penalty_weight: p.weight,
-                    })
-                }
+                Some(terms) => (p.weight, Some(terms)),
                 None => return Ok(None),
             },
             _ => return Ok(None),
@@ -258,18 +252,22 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
             batch,
             dsm_sigma,
             dsm_weight,
-            fpe,
+            penalty_weight,
+            penalty,
         }))
     }
 
     /// The objective on a fresh batch from `x0` and its gradient: the model's hand-written
     /// one when it has it, otherwise candle's autodiff.
-    fn gradients(&self, x0: &Tensor, rng: &mut dyn RngCore) -> Result<(StepValues, StepGradients)> {
+    fn gradients(&self, x0: &Tensor, rng: &mut StdRng) -> Result<(StepValues, StepGradients)> {
         let batch = self.loss.draw(self.sde, x0, rng)?;
         if self.hand_written {
-            if let Some(terms) = self.terms(&batch)? {
+            // If the model declines, the graph path must draw what the penalty draws from
+            // where the terms started drawing.
+            let snapshot = rng.clone();
+            if let Some(terms) = self.terms(&batch, rng)? {
                 if let Some(out) = self.model.objective_gradients(&terms)? {
-                    let loss = out.dsm + out.penalty.map_or(0.0, |p| p * self.penalties[0].weight);
+                    let loss = out.dsm + out.penalty.map_or(0.0, |p| p * terms.penalty_weight);
                     let values = StepValues {
                         loss,
                         dsm: out.dsm,
@@ -279,6 +277,7 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
                     return Ok((values, StepGradients::HandWritten(grads)));
                 }
             }
+            *rng = snapshot;
         }
         let value = self.evaluate_batch(batch, rng)?;
         let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
@@ -323,9 +322,10 @@ impl StepGradients {
 /// With `s_b = s(x_b, t_b)` and the batch's noise `z_b`, the objective is
 ///
 /// ```text
-/// Σ_b dsm_weight_b ‖dsm_sigma_b·s_b + z_b‖²  +  λ·Σ_b w_b‖r_b‖²      (the second with `fpe`)
-/// r = ∂ₜs − ∇ₓ[½g²(∇·s + ‖s‖²) − a⟨x, s⟩]                             (ScoreFpe's residual)
+/// Σ_b dsm_weight_b ‖dsm_sigma_b·s_b + z_b‖²  +  λ·penalty
 /// ```
+///
+/// with the penalty, if any, given by [`PenaltyTerms`].
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -340,8 +340,9 @@ impl StepGradients {
 /// let model = MlpScore::new(vb, sde, MlpConfig { width: 16, ..Default::default() })?;
 /// let objective = Objective::new(&sde, &model);
 /// let x0 = Tensor::new(&[[0.5f64, -0.5], [1.0, 0.0], [0.0, 2.0]], &Device::Cpu)?;
-/// let batch = objective.loss().draw(&sde, &x0, &mut StdRng::seed_from_u64(0))?;
-/// let terms = objective.terms(&batch)?.expect("plain DSM has this form");
+/// let mut rng = StdRng::seed_from_u64(0);
+/// let batch = objective.loss().draw(&sde, &x0, &mut rng)?;
+/// let terms = objective.terms(&batch, &mut rng)?.expect("plain DSM has this form");
 ///
 /// let out = model.objective_gradients(&terms)?.expect("MlpScore has a hand-written pass");
 /// let dsm = objective.loss().loss(&sde, &model, &batch)?.to_scalar::<f64>()?;
@@ -362,22 +363,10 @@ pub struct ObjectiveTerms<'a> {
     pub dsm_sigma: Tensor,
     /// The DSM loss's per-sample weight (its time weighting and batch reduction), `[B]`.
     pub dsm_weight: Tensor,
-    /// The score-FPE penalty, if the objective has one.
-    pub fpe: Option<FpeCoefficients>,
-}
-
-/// The score-FPE penalty `Σ_b w_b‖r_b‖²` of [`ObjectiveTerms`]; tensors have shape `[B]`.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct FpeCoefficients {
-    /// The per-sample weights `w_b`.
-    pub weight: Tensor,
-    /// `g(t)²` of the objective's SDE.
-    pub diffusion_squared: Tensor,
-    /// The drift coefficient `a(t)` of the SDE's drift `f(x, t) = a(t)x`.
-    pub drift: Tensor,
-    /// The penalty's weight `λ` in the objective.
+    /// The penalty's weight `λ` in the objective (0 without one).
     pub penalty_weight: f64,
+    /// The penalty, if the objective has one.
+    pub penalty: Option<PenaltyTerms>,
 }
 
 /// What [`ScoreModel::objective_gradients`] returns.
@@ -385,7 +374,7 @@ pub struct FpeCoefficients {
 pub struct ObjectiveGradients {
     /// The DSM term.
     pub dsm: f64,
-    /// The unweighted penalty `Σ_b w_b‖r_b‖²`, when the terms have one.
+    /// The unweighted penalty, when the terms have one.
     pub penalty: Option<f64>,
     /// `(variable, gradient of DSM + λ·penalty)` for every variable the objective depends
     /// on: the variable as its tensor (`Var::as_tensor`), so that it is found by id.

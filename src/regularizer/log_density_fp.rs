@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use rand::{Rng, RngCore};
 
 use super::score_fpe::check_points;
-use super::Regularizer;
+use super::{LogDensityFpTerms, PenaltyTerms, Regularizer};
 use crate::autodiff::{grad, leaf, Divergence};
 use crate::error::ensure;
 use crate::random::uniform;
@@ -236,6 +236,50 @@ impl<S: Sde, M: LogDensityModel> Regularizer<S, M> for LogDensityFp {
             penalty = (penalty + (density_sq.mean_all()? * boundary.weight)?)?;
         }
         Ok(penalty)
+    }
+
+    /// With the exact Laplacian: the collocation points (drawn as [`Regularizer::penalty`]
+    /// draws them), weights `1/C`, and the boundary points with weights `weight/N`.
+    fn penalty_terms(
+        &self,
+        sde: &S,
+        x_t: &Tensor,
+        t: &Tensor,
+        rng: &mut dyn RngCore,
+    ) -> Result<Option<PenaltyTerms>> {
+        if self.divergence != Divergence::Exact {
+            return Ok(None);
+        }
+        let (x, t) = match self.collocation {
+            Collocation::Perturbed => (x_t.detach(), t.detach().to_dtype(x_t.dtype())?),
+            Collocation::UniformBox {
+                low,
+                high,
+                points,
+                eps,
+            } => box_points(x_t, points, low, high, eps, sde.end_time(), rng)?,
+        };
+        check_points(&x, &t)?;
+        let count = x.dim(0)? as f64;
+        let boundary = match self.boundary.filter(|b| b.weight > 0.0) {
+            Some(boundary) => {
+                let Collocation::UniformBox { low, high, eps, .. } = self.collocation else {
+                    return Ok(None); // the graph path reports the error
+                };
+                let (xb, tb) = face_points(x_t, boundary.points_per_face, low, high, eps, sde.end_time(), rng)?;
+                let v = (tb.ones_like()? * (boundary.weight / tb.dim(0)? as f64))?;
+                Some((xb, tb, v))
+            }
+            None => None,
+        };
+        Ok(Some(PenaltyTerms::LogDensityFp(LogDensityFpTerms {
+            weight: (t.ones_like()? / count)?,
+            diffusion_squared: sde.diffusion_tensor(&t)?.sqr()?,
+            drift: sde.drift_coeff_tensor(&t)?,
+            x,
+            t,
+            boundary,
+        })))
     }
 }
 

@@ -15,6 +15,7 @@ mod log_density_fp;
 mod score_fpe;
 
 pub use log_density_fp::{Boundary, Collocation, LogDensityFp};
+
 pub use score_fpe::{ScoreFpe, TimeDerivative, TimeWeighting};
 
 use candle_core::Tensor;
@@ -54,14 +55,67 @@ pub trait Regularizer<S: Sde, M> {
     /// The penalty: a scalar tensor.
     fn penalty(&self, sde: &S, model: &M, x_t: &Tensor, t: &Tensor, rng: &mut dyn RngCore) -> Result<Tensor>;
 
-    /// Per-sample weights `w_b` (shape `[B]`) when the penalty at these points is exactly
-    /// `Σ_b w_b‖r_b‖²` for [`ScoreFpe`]'s residual `r` (exact divergence, autodiff time
-    /// derivative) and draws nothing from its `rng`. Models with a hand-written training
+    /// The penalty at these points in a form that models with a hand-written training
     /// pass ([`ScoreModel::objective_gradients`](crate::ScoreModel::objective_gradients))
-    /// then compute it without a graph. The default, `None`, keeps the graph.
-    fn squared_fpe_weights(&self, _sde: &S, _x_t: &Tensor, _t: &Tensor) -> Result<Option<Tensor>> {
+    /// compute without a graph, if it has one: see [`PenaltyTerms`]. It must draw from
+    /// `rng` exactly what [`Regularizer::penalty`] would (collocation points), so that a
+    /// run is the same either way. The default, `None`, keeps the graph.
+    fn penalty_terms(
+        &self,
+        _sde: &S,
+        _x_t: &Tensor,
+        _t: &Tensor,
+        _rng: &mut dyn RngCore,
+    ) -> Result<Option<PenaltyTerms>> {
         Ok(None)
     }
+}
+
+/// A penalty as per-point coefficients, for hand-written training passes
+/// ([`Regularizer::penalty_terms`]). Models answer the kinds they know and decline the
+/// others (the enum may grow).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum PenaltyTerms {
+    /// `Σ_b w_b‖r_b‖²` at the DSM batch's points, `r` the score-FPE residual of
+    /// [`ScoreFpe`] (exact divergence, autodiff `∂ₜs`).
+    ScoreFpe(ScoreFpeTerms),
+    /// `Σ_c w_c R_c²` at its own collocation points, `R` the log-density FP residual of
+    /// [`LogDensityFp`] (exact Laplacian), plus the boundary term.
+    LogDensityFp(LogDensityFpTerms),
+}
+
+/// [`PenaltyTerms::ScoreFpe`]: `Σ_b w_b‖r_b‖²` with
+/// `r = ∂ₜs − ∇ₓ[½g²(∇·s + ‖s‖²) − a⟨x, s⟩]`; tensors of shape `[B]`, one entry per point
+/// of the DSM batch.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ScoreFpeTerms {
+    /// The weights `w_b`.
+    pub weight: Tensor,
+    /// `g(t)²` of the SDE.
+    pub diffusion_squared: Tensor,
+    /// The drift coefficient `a(t)` of the SDE's drift `f(x, t) = a(t)x`.
+    pub drift: Tensor,
+}
+
+/// [`PenaltyTerms::LogDensityFp`]: `Σ_c w_c R(x_c, t_c)² + Σ_b v_b exp(2u(x_b, t_b))` with
+/// `R = ∂ₜu + a(d + ⟨x, ∇u⟩) − ½g²(Δu + ‖∇u‖²)`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LogDensityFpTerms {
+    /// Collocation points `[C, d]`.
+    pub x: Tensor,
+    /// Their times `[C]`.
+    pub t: Tensor,
+    /// The weights `w_c`, `[C]`.
+    pub weight: Tensor,
+    /// `g(t_c)²`, `[C]`.
+    pub diffusion_squared: Tensor,
+    /// `a(t_c)`, `[C]`.
+    pub drift: Tensor,
+    /// Boundary points `x_b` (`[N, d]`), their times (`[N]`) and weights `v_b` (`[N]`).
+    pub boundary: Option<(Tensor, Tensor, Tensor)>,
 }
 
 /// Restricts a penalty to the points whose time lies in `[from, to]`.
@@ -143,25 +197,50 @@ impl<S: Sde, M, R: Regularizer<S, M>> Regularizer<S, M> for TimeWindow<R> {
         Ok((penalty * fraction)?)
     }
 
-    /// The inner weights on the points inside the window, scaled by the fraction inside;
-    /// zero outside.
-    fn squared_fpe_weights(&self, sde: &S, x_t: &Tensor, t: &Tensor) -> Result<Option<Tensor>> {
+    /// The inner terms on the points inside the window with weights scaled by the
+    /// fraction inside (score-FPE weights are zero outside). `None` when no point is
+    /// inside (the penalty is then a plain zero).
+    fn penalty_terms(
+        &self,
+        sde: &S,
+        x_t: &Tensor,
+        t: &Tensor,
+        rng: &mut dyn RngCore,
+    ) -> Result<Option<PenaltyTerms>> {
         let times = t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
         let inside: Vec<u32> = (0..times.len() as u32)
             .filter(|&i| (self.from..=self.to).contains(&times[i as usize]))
             .collect();
-        if inside.is_empty() {
-            return Ok(Some(t.zeros_like()?));
+        if inside.is_empty() || times.len() != x_t.dim(0)? {
+            return Ok(None);
         }
         let fraction = inside.len() as f64 / times.len() as f64;
         let rows = Tensor::new(inside, x_t.device())?;
-        let Some(selected) =
-            self.inner
-                .squared_fpe_weights(sde, &x_t.index_select(&rows, 0)?, &t.index_select(&rows, 0)?)?
-        else {
-            return Ok(None);
-        };
-        let scaled = (selected.to_dtype(t.dtype())? * fraction)?;
-        Ok(Some(t.zeros_like()?.index_add(&rows, &scaled, 0)?))
+        let selected = self.inner.penalty_terms(
+            sde,
+            &x_t.index_select(&rows, 0)?,
+            &t.index_select(&rows, 0)?,
+            rng,
+        )?;
+        Ok(match selected {
+            Some(PenaltyTerms::ScoreFpe(terms)) => {
+                let spread = |v: &Tensor| -> Result<Tensor> {
+                    Ok(t.zeros_like()?.index_add(&rows, &v.to_dtype(t.dtype())?, 0)?)
+                };
+                Some(PenaltyTerms::ScoreFpe(ScoreFpeTerms {
+                    weight: spread(&(terms.weight * fraction)?)?,
+                    diffusion_squared: spread(&terms.diffusion_squared)?,
+                    drift: spread(&terms.drift)?,
+                }))
+            }
+            Some(PenaltyTerms::LogDensityFp(mut terms)) => {
+                terms.weight = (terms.weight * fraction)?;
+                if let Some((_, _, v)) = &mut terms.boundary {
+                    *v = (&*v * fraction)?;
+                }
+                Some(PenaltyTerms::LogDensityFp(terms))
+            }
+            None => None,
+        })
     }
 }

@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor};
 use rand::RngCore;
 
-use super::Regularizer;
+use super::{PenaltyTerms, Regularizer, ScoreFpeTerms};
 use crate::autodiff::{grad, leaf, time_derivative_fd, Divergence, Probe};
 use crate::error::ensure;
 use crate::sde::{flatten_batch, per_sample, Sde};
@@ -274,9 +274,15 @@ impl<S: Sde, M: ScoreModel> Regularizer<S, M> for ScoreFpe {
         Ok(penalty)
     }
 
-    /// `w(t)/(B·d^m)` with `m = 2`, when the penalty has the squared form: power 2, no
-    /// scalar term, exact divergence, autodiff `∂ₜs`.
-    fn squared_fpe_weights(&self, sde: &S, x_t: &Tensor, t: &Tensor) -> Result<Option<Tensor>> {
+    /// Weights `w(t)/(B·d^m)` with `m = 2`, when the penalty has the squared form: power
+    /// 2, no scalar term, exact divergence, autodiff `∂ₜs` (which draw nothing from `rng`).
+    fn penalty_terms(
+        &self,
+        sde: &S,
+        x_t: &Tensor,
+        t: &Tensor,
+        _rng: &mut dyn RngCore,
+    ) -> Result<Option<PenaltyTerms>> {
         if self.power != 2.0
             || self.scalar_weight != 0.0
             || self.divergence != Divergence::Exact
@@ -288,12 +294,17 @@ impl<S: Sde, M: ScoreModel> Regularizer<S, M> for ScoreFpe {
         let batch = x_t.dim(0)? as f64;
         let d = x_t.elem_count() as f64 / batch;
         let scale = if self.normalize { batch * d * d } else { batch };
+        let g = sde.diffusion_tensor(t)?;
         let weight = match self.weighting {
             TimeWeighting::Constant => t.ones_like()?,
-            TimeWeighting::Diffusion => sde.diffusion_tensor(t)?,
-            TimeWeighting::DiffusionSquared => sde.diffusion_tensor(t)?.sqr()?,
+            TimeWeighting::Diffusion => g.clone(),
+            TimeWeighting::DiffusionSquared => g.sqr()?,
         };
-        Ok(Some((weight / scale)?))
+        Ok(Some(PenaltyTerms::ScoreFpe(ScoreFpeTerms {
+            weight: (weight / scale)?,
+            diffusion_squared: g.sqr()?,
+            drift: sde.drift_coeff_tensor(t)?,
+        })))
     }
 }
 

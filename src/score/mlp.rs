@@ -16,6 +16,7 @@ use crate::error::ensure;
 use crate::kernels::training::{Batch, FpeCoefficients, Layer, Real, ScoreMlp, Stack};
 use crate::kernels::{DenseView, InferenceScope, Pointwise, ScoreMlpView};
 use crate::sde::Sde;
+use crate::regularizer::PenaltyTerms;
 use crate::train::{ObjectiveGradients, ObjectiveTerms};
 use crate::{Error, Result};
 
@@ -544,6 +545,11 @@ impl<S: Sde> MlpScore<S> {
         terms: &ObjectiveTerms<'_>,
     ) -> Result<Option<ObjectiveGradients>> {
         let batch = terms.batch;
+        let fpe = match &terms.penalty {
+            None => None,
+            Some(PenaltyTerms::ScoreFpe(fpe)) => Some(fpe),
+            Some(_) => return Ok(None),
+        };
         if !batch.x_t.device().is_cpu() || self.kernel_activation().is_none() {
             return Ok(None);
         }
@@ -552,7 +558,7 @@ impl<S: Sde> MlpScore<S> {
         let values = |t: &Tensor| -> Result<Vec<T>> { Ok(t.flatten_all()?.to_dtype(dtype)?.to_vec1::<T>()?) };
         let t = batch.t.to_dtype(dtype)?.detach();
         let sigma = self.sde.std_tensor(&t)?;
-        let sigma_dot = match terms.fpe {
+        let sigma_dot = match fpe {
             // dσ/dt by autodiff through the SDE's σ(t).
             Some(_) => {
                 let leaf = candle_core::Var::from_tensor(&t)?;
@@ -564,7 +570,7 @@ impl<S: Sde> MlpScore<S> {
             }
             None => Vec::new(),
         };
-        let fpe_values = match &terms.fpe {
+        let fpe_values = match fpe {
             Some(f) => Some((
                 values(&f.weight)?,
                 values(&f.diffusion_squared)?,
@@ -578,7 +584,7 @@ impl<S: Sde> MlpScore<S> {
             values(&terms.dsm_sigma)?,
             values(&terms.dsm_weight)?,
         );
-        let penalty_weight = terms.fpe.as_ref().map_or(0.0, |f| f.penalty_weight);
+        let penalty_weight = terms.penalty_weight;
         let kernel_batch = Batch {
             x: &x,
             t: &times,
@@ -609,7 +615,7 @@ impl<S: Sde> MlpScore<S> {
         }
         Ok(Some(ObjectiveGradients {
             dsm: out.dsm,
-            penalty: terms.fpe.as_ref().map(|_| out.penalty),
+            penalty: fpe.map(|_| out.penalty),
             gradients,
         }))
     }
