@@ -235,13 +235,14 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
     /// assert!(paper.terms(&batch, &mut rng)?.is_none());
     /// # Ok::<(), scoresde::Error>(())
     /// ```
-    pub fn terms<'b>(&self, batch: &'b DsmBatch, rng: &mut dyn RngCore) -> Result<Option<ObjectiveTerms<'b>>> {
+    pub fn terms<'b>(
+        &self,
+        batch: &'b DsmBatch,
+        rng: &mut dyn RngCore,
+    ) -> Result<Option<ObjectiveTerms<'b>>> {
         let (penalty_weight, penalty) = match self.penalties.as_slice() {
             [] => (0.0, None),
-            [p] => match p
-                .regularizer
-                .penalty_terms(self.sde, &batch.x_t, &batch.t, rng)?
-            {
+            [p] => match p.regularizer.penalty_terms(self.sde, &batch.x_t, &batch.t, rng)? {
                 Some(terms) => (p.weight, Some(terms)),
                 None => return Ok(None),
             },

@@ -54,6 +54,10 @@ pub(crate) enum Pointwise {
     Identity,
     Silu,
     Tanh,
+    /// `log(1 + exp(βz))/β`.
+    Softplus {
+        beta: f64,
+    },
 }
 
 // ---------------------------------------------------------------------------------------
@@ -566,6 +570,15 @@ fn bias_activation_with(
                     divide(v, den);
                 }
             }
+            Pointwise::Softplus { beta } => row.iter_mut().zip(bias).for_each(|(v, b)| {
+                let beta = beta as f32;
+                let z = *v + b;
+                // relu(z) + log(1 + e^(−β|z|))/β: no overflow.
+                *v = z.max(0.0) + (1.0 + exp(-beta * z.abs())).ln() / beta;
+                if z.is_nan() {
+                    *v = z;
+                }
+            }),
             Pointwise::Tanh => row.iter_mut().zip(bias).for_each(|(v, b)| {
                 let z = *v + b;
                 let t = 1.0 - 2.0 / (1.0 + exp(2.0 * z));

@@ -111,6 +111,26 @@ fn activation_loop<T: Real>(activation: Pointwise, z: &[T], slopes: Slopes<'_, T
                 }
             }
         }
+        (Pointwise::Softplus { beta }, higher) => {
+            let beta = T::from(beta).unwrap_or_else(T::nan);
+            // Exponents stay where exp neither overflows nor underflows to a subnormal.
+            let limit = T::max_value().ln() - one;
+            let mut higher = higher.map(|(a, b)| (&mut a[..n], &mut b[..n]));
+            for i in 0..n {
+                let z = z[i];
+                let bz = (beta * z).max(-limit).min(limit);
+                let tail = (one + exp(-bz.abs())).ln() / beta;
+                let softplus = z.max(T::zero()) + tail;
+                let s = one / (one + exp(-bz));
+                let u = s * (one - s);
+                value[i] = if z.is_nan() { z } else { softplus };
+                first[i] = s;
+                if let Some((second, third)) = &mut higher {
+                    second[i] = beta * u;
+                    third[i] = beta * beta * u * (one - two * s);
+                }
+            }
+        }
         (Pointwise::Identity, higher) => {
             value.copy_from_slice(z);
             first.iter_mut().for_each(|v| *v = one);
@@ -385,9 +405,7 @@ impl<T: Real> ScoreMlp<'_, T> {
     /// on the batch size, so results do not depend on the number of threads.
     pub(crate) fn gradients(&self, batch: &Batch<'_, T>) -> Result<Gradients<T>> {
         let rows = self.validate(batch)?;
-        in_parts(rows, |range| {
-            self.gradients_of_part(&batch.rows(self.dim, range))
-        })
+        in_parts(rows, |range| self.gradients_of_part(&batch.rows(self.dim, range)))
     }
 
     /// [`Self::gradients`] on one part of the batch, single-threaded.
@@ -396,7 +414,9 @@ impl<T: Real> ScoreMlp<'_, T> {
             Some(_) => Jets::new(self.dim, true, true, Jets::all_pairs(self.dim)),
             None => Jets::value(self.dim),
         };
-        let pass = self.stack.forward(self.input_jets(batch, &jets), batch.t.len(), &jets);
+        let pass = self
+            .stack
+            .forward(self.input_jets(batch, &jets), batch.t.len(), &jets);
         let (dsm, penalty, adjoint) = self.objective(batch, &pass.output, &jets);
         let (weights, biases) = self.stack.backward(&pass, &adjoint, &jets);
         Ok(Gradients {
@@ -703,7 +723,6 @@ impl<T: Real> Stack<'_, T> {
         });
         out
     }
-
 }
 
 /// `input · Wᵀ`, plus the bias on the value block (the first `rows` rows).
@@ -767,7 +786,11 @@ impl<'a, T: Real> Batch<'a, T> {
             t: per_row(self.t),
             noise: &self.noise[start * d..end * d],
             sigma: per_row(self.sigma),
-            sigma_dot: if self.fpe.is_some() { per_row(self.sigma_dot) } else { self.sigma_dot },
+            sigma_dot: if self.fpe.is_some() {
+                per_row(self.sigma_dot)
+            } else {
+                self.sigma_dot
+            },
             dsm_sigma: per_row(self.dsm_sigma),
             dsm_weight: per_row(self.dsm_weight),
             fpe: self.fpe.map(|f| FpeCoefficients {
@@ -777,6 +800,210 @@ impl<'a, T: Real> Batch<'a, T> {
                 penalty_weight: f.penalty_weight,
             }),
         }
+    }
+}
+
+/// `u(x, t) = MLP([t, x])`: `MlpPotential`'s layout; its score is `∇ₓu`.
+#[derive(Debug, Clone)]
+pub(crate) struct PotentialMlp<'a, T> {
+    pub(crate) dim: usize,
+    pub(crate) stack: Stack<'a, T>,
+}
+
+/// Points `[N, d]` with one time each.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Points<'a, T> {
+    pub(crate) x: &'a [T],
+    pub(crate) t: &'a [T],
+}
+
+/// The log-density FP residual's collocation points and coefficients:
+/// `Σ_c weight_c R_c²`, `R = ∂ₜu + a(d + ⟨x, ∇u⟩) − ½g²(Δu + ‖∇u‖²)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResidualRows<'a, T> {
+    pub(crate) points: Points<'a, T>,
+    pub(crate) weight: &'a [T],
+    pub(crate) diffusion_squared: &'a [T],
+    pub(crate) drift: &'a [T],
+}
+
+/// A training batch for a potential: DSM on `∇ₓu` plus, optionally, `λ` times the
+/// log-density FP penalty (`Σ_c w_c R_c² + Σ_b v_b exp(2u_b)`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PotentialBatch<'a, T> {
+    /// DSM: `Σ_b dsm_weight_b ‖dsm_sigma_b ∇u_b + z_b‖²`.
+    pub(crate) dsm: Points<'a, T>,
+    pub(crate) noise: &'a [T],
+    pub(crate) dsm_sigma: &'a [T],
+    pub(crate) dsm_weight: &'a [T],
+    pub(crate) residual: Option<ResidualRows<'a, T>>,
+    /// Boundary points and their weights `v_b`.
+    pub(crate) boundary: Option<(Points<'a, T>, &'a [T])>,
+    pub(crate) penalty_weight: T,
+}
+
+impl<T: Real> PotentialMlp<'_, T> {
+    /// The objective's value and its gradient with respect to every weight and bias: the
+    /// three point sets run separately, each with the jets it needs, in parts.
+    pub(crate) fn gradients(&self, batch: &PotentialBatch<'_, T>) -> Result<Gradients<T>> {
+        let d = self.dim;
+        self.stack.check(1 + d, 1)?;
+        let fits = |p: &Points<'_, T>, per_row: &[&[T]]| {
+            p.x.len() == p.t.len() * d && per_row.iter().all(|v| v.len() == p.t.len())
+        };
+        let mut ok =
+            fits(&batch.dsm, &[batch.dsm_sigma, batch.dsm_weight]) && batch.noise.len() == batch.dsm.x.len();
+        if let Some(r) = &batch.residual {
+            ok &= fits(&r.points, &[r.weight, r.diffusion_squared, r.drift]);
+        }
+        if let Some((p, v)) = &batch.boundary {
+            ok &= fits(p, &[v]);
+        }
+        if !ok {
+            return Err(Error::Shape(
+                "training kernel: inputs of different lengths".into(),
+            ));
+        }
+        let mut total = in_parts(batch.dsm.t.len(), |r| self.dsm_part(batch, r))?;
+        if let Some(rows) = &batch.residual {
+            total.add(&in_parts(rows.points.t.len(), |r| {
+                self.residual_part(rows, r, batch.penalty_weight)
+            })?);
+        }
+        if let Some((points, weight)) = &batch.boundary {
+            total.add(&in_parts(points.t.len(), |r| {
+                self.boundary_part(points, weight, r, batch.penalty_weight)
+            })?);
+        }
+        Ok(total)
+    }
+
+    /// `[t, x]` and its jets: `∂/∂xₖ` is the unit vector at `1 + k`, `∂/∂t` at 0.
+    fn input_jets(&self, points: &Points<'_, T>, range: std::ops::Range<usize>, jets: &Jets) -> Vec<T> {
+        let d = self.dim;
+        let width = 1 + d;
+        let rows = range.len();
+        let mut input = vec![T::zero(); jets.count * rows * width];
+        for (b, row) in range.enumerate() {
+            input[b * width] = points.t[row];
+            input[b * width + 1..(b + 1) * width].copy_from_slice(&points.x[row * d..(row + 1) * d]);
+            if jets.x {
+                for k in 0..d {
+                    input[(jets.x(k) * rows + b) * width + 1 + k] = T::one();
+                }
+            }
+            if jets.t {
+                input[(jets.t() * rows + b) * width] = T::one();
+            }
+        }
+        input
+    }
+
+    /// Runs `rows` of `points` with `jets`, asks `objective` for the adjoint of the output
+    /// jets (`[J·rows]`, one output), and returns the gradients.
+    fn part(
+        &self,
+        points: &Points<'_, T>,
+        range: std::ops::Range<usize>,
+        jets: Jets,
+        objective: impl FnOnce(&[T], &mut [T]) -> (f64, f64),
+    ) -> Result<Gradients<T>> {
+        let rows = range.len();
+        let pass = self
+            .stack
+            .forward(self.input_jets(points, range, &jets), rows, &jets);
+        let mut adjoint = vec![T::zero(); pass.output.len()];
+        let (dsm, penalty) = objective(&pass.output, &mut adjoint);
+        let (weights, biases) = self.stack.backward(&pass, &adjoint, &jets);
+        Ok(Gradients {
+            dsm,
+            penalty,
+            weights,
+            biases,
+        })
+    }
+
+    fn dsm_part(&self, batch: &PotentialBatch<'_, T>, range: std::ops::Range<usize>) -> Result<Gradients<T>> {
+        let d = self.dim;
+        let jets = Jets::new(d, true, false, Vec::new());
+        let x_jet: Vec<usize> = (0..d).map(|k| jets.x(k)).collect();
+        let rows = range.len();
+        let two = T::one() + T::one();
+        self.part(&batch.dsm, range.clone(), jets, |out, adjoint| {
+            let mut dsm = 0.0;
+            for (b, row) in range.enumerate() {
+                let (sigma, weight) = (batch.dsm_sigma[row], batch.dsm_weight[row]);
+                for (k, &jet) in x_jet.iter().enumerate() {
+                    // ‖σ∂ₖu + zₖ‖²
+                    let e = sigma * out[jet * rows + b] + batch.noise[row * d + k];
+                    dsm += (weight * e * e).to_f64().unwrap_or(f64::NAN);
+                    adjoint[jet * rows + b] = two * weight * e * sigma;
+                }
+            }
+            (dsm, 0.0)
+        })
+    }
+
+    fn residual_part(
+        &self,
+        coefficients: &ResidualRows<'_, T>,
+        range: std::ops::Range<usize>,
+        lambda: T,
+    ) -> Result<Gradients<T>> {
+        let d = self.dim;
+        let jets = Jets::new(d, true, true, (0..d).map(|k| (k, k)).collect());
+        let (x_jet, t_jet): (Vec<usize>, usize) = ((0..d).map(|k| jets.x(k)).collect(), jets.t());
+        let second: Vec<usize> = (0..d).map(|k| jets.pair(k)).collect();
+        let rows = range.len();
+        let one = T::one();
+        let two = one + one;
+        let half = one / two;
+        let dim = T::from(d).unwrap_or_else(T::nan);
+        let c = coefficients;
+        self.part(&c.points, range.clone(), jets, |out, adjoint| {
+            let mut penalty = 0.0;
+            for (b, row) in range.enumerate() {
+                let at = |jet: usize| out[jet * rows + b];
+                let (g2, a, w) = (c.diffusion_squared[row], c.drift[row], c.weight[row]);
+                let x = &c.points.x[row * d..(row + 1) * d];
+                let (mut transport, mut laplacian, mut norm) = (dim, T::zero(), T::zero());
+                for k in 0..d {
+                    let grad = at(x_jet[k]);
+                    transport = transport + x[k] * grad;
+                    laplacian = laplacian + at(second[k]);
+                    norm = norm + grad * grad;
+                }
+                let r = at(t_jet) + a * transport - half * g2 * (laplacian + norm);
+                penalty += (w * r * r).to_f64().unwrap_or(f64::NAN);
+                let r_bar = two * lambda * w * r;
+                adjoint[t_jet * rows + b] = r_bar;
+                for k in 0..d {
+                    adjoint[x_jet[k] * rows + b] = r_bar * (a * x[k] - g2 * at(x_jet[k]));
+                    adjoint[second[k] * rows + b] = -half * g2 * r_bar;
+                }
+            }
+            (0.0, penalty)
+        })
+    }
+
+    fn boundary_part(
+        &self,
+        points: &Points<'_, T>,
+        weight: &[T],
+        range: std::ops::Range<usize>,
+        lambda: T,
+    ) -> Result<Gradients<T>> {
+        let two = T::one() + T::one();
+        self.part(points, range.clone(), Jets::value(self.dim), |out, adjoint| {
+            let mut penalty = 0.0;
+            for (b, row) in range.enumerate() {
+                // exp(u)² = exp(2u)
+                let density_sq = (two * out[b]).exp();
+                penalty += (weight[row] * density_sq).to_f64().unwrap_or(f64::NAN);
+                adjoint[b] = lambda * weight[row] * two * density_sq;
+            }
+            (0.0, penalty)
+        })
     }
 }
 

@@ -266,7 +266,8 @@ impl<S: Sde, M: LogDensityModel> Regularizer<S, M> for LogDensityFp {
                 let Collocation::UniformBox { low, high, eps, .. } = self.collocation else {
                     return Ok(None); // the graph path reports the error
                 };
-                let (xb, tb) = face_points(x_t, boundary.points_per_face, low, high, eps, sde.end_time(), rng)?;
+                let (xb, tb) =
+                    face_points(x_t, boundary.points_per_face, low, high, eps, sde.end_time(), rng)?;
                 let v = (tb.ones_like()? * (boundary.weight / tb.dim(0)? as f64))?;
                 Some((xb, tb, v))
             }

@@ -216,12 +216,9 @@ impl<S: Sde, M, R: Regularizer<S, M>> Regularizer<S, M> for TimeWindow<R> {
         }
         let fraction = inside.len() as f64 / times.len() as f64;
         let rows = Tensor::new(inside, x_t.device())?;
-        let selected = self.inner.penalty_terms(
-            sde,
-            &x_t.index_select(&rows, 0)?,
-            &t.index_select(&rows, 0)?,
-            rng,
-        )?;
+        let selected =
+            self.inner
+                .penalty_terms(sde, &x_t.index_select(&rows, 0)?, &t.index_select(&rows, 0)?, rng)?;
         Ok(match selected {
             Some(PenaltyTerms::ScoreFpe(terms)) => {
                 let spread = |v: &Tensor| -> Result<Tensor> {

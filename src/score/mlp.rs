@@ -13,10 +13,12 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::{LogDensityModel, ScoreModel};
 use crate::error::ensure;
-use crate::kernels::training::{Batch, FpeCoefficients, Layer, Real, ScoreMlp, Stack};
+use crate::kernels::training::{
+    Batch, FpeCoefficients, Layer, Points, PotentialBatch, PotentialMlp, Real, ResidualRows, ScoreMlp, Stack,
+};
 use crate::kernels::{DenseView, InferenceScope, Pointwise, ScoreMlpView};
-use crate::sde::Sde;
 use crate::regularizer::PenaltyTerms;
+use crate::sde::Sde;
 use crate::train::{ObjectiveGradients, ObjectiveTerms};
 use crate::{Error, Result};
 
@@ -235,6 +237,25 @@ impl Perceptron {
             activation,
         };
         f(extra, stack).map(Some)
+    }
+
+    /// `(variable, gradient)` for every weight and bias, from a kernel's per-layer values.
+    fn gradient_pairs<T: WithDType>(
+        &self,
+        weights: Vec<Vec<T>>,
+        biases: Vec<Vec<T>>,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        let mut pairs = Vec::with_capacity(2 * weights.len());
+        let linears = self.hidden.iter().chain([&self.output]);
+        for ((layer, w), b) in linears.zip(weights).zip(biases) {
+            for (var, values) in [(layer.weight(), w)]
+                .into_iter()
+                .chain(layer.bias().map(|bias| (bias, b)))
+            {
+                pairs.push((var.clone(), Tensor::from_vec(values, var.shape(), var.device())?));
+            }
+        }
+        Ok(pairs)
     }
 
     /// The gradient of the (single) output with respect to the input, `[B, inputs]`, by a
@@ -530,13 +551,14 @@ impl<S: Sde> MlpScore<S> {
         let Some(activation) = self.kernel_activation() else {
             return Ok(None);
         };
-        self.net.with_stack(activation, &[&self.time.frequencies], |extra, stack| {
-            f(ScoreMlp {
-                dim: self.config.dim,
-                frequencies: extra[0],
-                stack,
+        self.net
+            .with_stack(activation, &[&self.time.frequencies], |extra, stack| {
+                f(ScoreMlp {
+                    dim: self.config.dim,
+                    frequencies: extra[0],
+                    stack,
+                })
             })
-        })
     }
 
     /// [`ScoreModel::objective_gradients`] in `T`.
@@ -554,9 +576,8 @@ impl<S: Sde> MlpScore<S> {
             return Ok(None);
         }
         check_input(&batch.x_t, &batch.t, self.config.dim, "MlpScore")?;
-        let dtype = T::DTYPE;
-        let values = |t: &Tensor| -> Result<Vec<T>> { Ok(t.flatten_all()?.to_dtype(dtype)?.to_vec1::<T>()?) };
-        let t = batch.t.to_dtype(dtype)?.detach();
+        let values = host_values::<T>;
+        let t = batch.t.to_dtype(T::DTYPE)?.detach();
         let sigma = self.sde.std_tensor(&t)?;
         let sigma_dot = match fpe {
             // dσ/dt by autodiff through the SDE's σ(t).
@@ -603,22 +624,17 @@ impl<S: Sde> MlpScore<S> {
         let Some(out) = self.with_parameters(|network| network.gradients(&kernel_batch))? else {
             return Ok(None);
         };
-        let device = batch.x_t.device();
-        let mut gradients = Vec::with_capacity(2 * out.weights.len());
-        let linears = self.net.hidden.iter().chain([&self.net.output]);
-        for ((layer, w), b) in linears.zip(out.weights).zip(out.biases) {
-            let weight = layer.weight();
-            gradients.push((weight.clone(), Tensor::from_vec(w, weight.shape(), device)?));
-            if let Some(bias) = layer.bias() {
-                gradients.push((bias.clone(), Tensor::from_vec(b, bias.shape(), device)?));
-            }
-        }
         Ok(Some(ObjectiveGradients {
             dsm: out.dsm,
             penalty: fpe.map(|_| out.penalty),
-            gradients,
+            gradients: self.net.gradient_pairs(out.weights, out.biases)?,
         }))
     }
+}
+
+/// A tensor's values as a flat host vector of `T`.
+fn host_values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    Ok(t.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?)
 }
 
 impl<S: Sde> ScoreModel for MlpScore<S> {
@@ -747,6 +763,96 @@ impl MlpPotential {
     }
 }
 
+impl MlpPotential {
+    /// The hidden layers' activation, if the kernels implement it.
+    fn kernel_activation(&self) -> Option<Pointwise> {
+        match self.config.activation {
+            Activation::Silu => Some(Pointwise::Silu),
+            Activation::Tanh => Some(Pointwise::Tanh),
+            Activation::Softplus { beta } => Some(Pointwise::Softplus { beta }),
+            _ => None,
+        }
+    }
+
+    /// [`LogDensityModel::objective_gradients`] in `T`.
+    fn hand_written_gradients<T: WithDType + Real>(
+        &self,
+        terms: &ObjectiveTerms<'_>,
+    ) -> Result<Option<ObjectiveGradients>> {
+        let batch = terms.batch;
+        let fp = match &terms.penalty {
+            None => None,
+            Some(PenaltyTerms::LogDensityFp(fp)) => Some(fp),
+            Some(_) => return Ok(None),
+        };
+        let Some(activation) = self.kernel_activation() else {
+            return Ok(None);
+        };
+        if !batch.x_t.device().is_cpu() {
+            return Ok(None);
+        }
+        let d = self.config.dim;
+        let points = |x: &Tensor, t: &Tensor| -> Result<(Vec<T>, Vec<T>)> {
+            check_input(x, t, d, "MlpPotential")?;
+            Ok((host_values(x)?, host_values(t)?))
+        };
+        let (x, t) = points(&batch.x_t, &batch.t)?;
+        let (noise, dsm_sigma, dsm_weight) = (
+            host_values(&batch.noise)?,
+            host_values(&terms.dsm_sigma)?,
+            host_values(&terms.dsm_weight)?,
+        );
+        let residual = match fp {
+            Some(fp) => {
+                let (x, t) = points(&fp.x, &fp.t)?;
+                let per_point = [&fp.weight, &fp.diffusion_squared, &fp.drift].map(host_values::<T>);
+                let [w, g2, a] = per_point;
+                Some((x, t, w?, g2?, a?))
+            }
+            None => None,
+        };
+        let boundary = match fp.and_then(|fp| fp.boundary.as_ref()) {
+            Some((xb, tb, v)) => {
+                let (x, t) = points(xb, tb)?;
+                Some((x, t, host_values(v)?))
+            }
+            None => None,
+        };
+        let kernel_batch = PotentialBatch {
+            dsm: Points { x: &x, t: &t },
+            noise: &noise,
+            dsm_sigma: &dsm_sigma,
+            dsm_weight: &dsm_weight,
+            residual: residual.as_ref().map(|(x, t, w, g2, a)| ResidualRows {
+                points: Points { x, t },
+                weight: w,
+                diffusion_squared: g2,
+                drift: a,
+            }),
+            boundary: boundary.as_ref().map(|(x, t, v)| (Points { x, t }, v.as_slice())),
+            penalty_weight: T::from(terms.penalty_weight).unwrap_or_else(T::nan),
+        };
+        let run = |_: &[&[T]], stack: Stack<'_, T>| PotentialMlp { dim: d, stack }.gradients(&kernel_batch);
+        let Some(out) = self.net.with_stack(activation, &[], run)? else {
+            return Ok(None);
+        };
+        let mut gradients = self.net.gradient_pairs(out.weights, out.biases)?;
+        if boundary.is_none() {
+            // Only u itself, not its derivatives, depends on the output bias: without the
+            // boundary term it gets no gradient (autodiff gives none; a zero would still
+            // let AdamW's weight decay move it).
+            if let Some(bias) = self.net.output.bias() {
+                gradients.retain(|(var, _)| var.id() != bias.id());
+            }
+        }
+        Ok(Some(ObjectiveGradients {
+            dsm: out.dsm,
+            penalty: fp.map(|_| out.penalty),
+            gradients,
+        }))
+    }
+}
+
 impl LogDensityModel for MlpPotential {
     fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         Ok(self.net.forward(&self.input(x, t)?)?.squeeze(1)?)
@@ -757,5 +863,17 @@ impl LogDensityModel for MlpPotential {
         let gradient = self.net.input_gradient(&self.input(x, t)?)?;
         // Column 0 is the time input.
         Ok(Some(gradient.narrow(1, 1, self.config.dim)?.to_dtype(x.dtype())?))
+    }
+
+    /// By hand (`kernels::training`) when the variables are f32 or f64 on the CPU and the
+    /// activation is Softplus, SiLU or tanh: DSM on `∇ₓu` plus the log-density FP penalty
+    /// (residual at its collocation points, boundary term), each point set run with the
+    /// input derivatives it needs.
+    fn objective_gradients(&self, terms: &ObjectiveTerms<'_>) -> Result<Option<ObjectiveGradients>> {
+        match self.dtype {
+            DType::F32 => self.hand_written_gradients::<f32>(terms),
+            DType::F64 => self.hand_written_gradients::<f64>(terms),
+            _ => Ok(None),
+        }
     }
 }

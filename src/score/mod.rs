@@ -89,6 +89,14 @@ pub trait LogDensityModel {
     fn score_values(&self, _x: &Tensor, _t: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
+
+    /// A training objective's value and gradients by a hand-written pass, for the score
+    /// `∇ₓu` of this model (what [`GradientScore`] trains): see
+    /// [`ScoreModel::objective_gradients`]. The default, `None`, means "use autodiff";
+    /// [`MlpPotential`] has one, for DSM and the log-density FP penalty.
+    fn objective_gradients(&self, _terms: &ObjectiveTerms<'_>) -> Result<Option<ObjectiveGradients>> {
+        Ok(None)
+    }
 }
 
 mod mixture;

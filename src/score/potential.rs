@@ -4,6 +4,7 @@ use candle_core::Tensor;
 
 use crate::autodiff;
 use crate::score::{LogDensityModel, ScoreModel};
+use crate::train::{ObjectiveGradients, ObjectiveTerms};
 use crate::{Error, Result};
 
 /// The score `s = ∇ₓu(x, t)` of a log-density model `u`, computed by candle autodiff.
@@ -195,6 +196,15 @@ impl<M: LogDensityModel> ScoreModel for GradientScore<M> {
             autodiff::grad(&u, &x_leaf)
         }
     }
+
+    /// The wrapped model's hand-written pass, if it has one (not for values-only
+    /// wrappers, whose scores carry no gradient).
+    fn objective_gradients(&self, terms: &ObjectiveTerms<'_>) -> Result<Option<ObjectiveGradients>> {
+        if self.values_only {
+            return Ok(None);
+        }
+        self.inner.objective_gradients(terms)
+    }
 }
 
 impl<M: LogDensityModel> LogDensityModel for GradientScore<M> {
@@ -206,5 +216,10 @@ impl<M: LogDensityModel> LogDensityModel for GradientScore<M> {
     /// Forwards to the wrapped model.
     fn score_values(&self, x: &Tensor, t: &Tensor) -> Result<Option<Tensor>> {
         self.inner.score_values(x, t)
+    }
+
+    /// Forwards to the wrapped model.
+    fn objective_gradients(&self, terms: &ObjectiveTerms<'_>) -> Result<Option<ObjectiveGradients>> {
+        self.inner.objective_gradients(terms)
     }
 }
