@@ -5,6 +5,11 @@
 //! * `rk45_sample`: a probability-flow ODE sample of 1,000 points, RK45 at rtol = atol = 1e-3;
 //! * `dsm_step`: one training step (batch 512, AdamW, EMA) of denoising score matching;
 //! * `fpe_step`: the same plus `1e-3 ×` the score-FPE residual (exact divergence, autodiff ∂t);
+//! * `log_density_fp_step`: a training step of `ode_sde_gap` (OU SDE, `MlpPotential` 3×80
+//!   Softplus β = 100, batch 1,000, DSM + the log-density FP penalty at 500 box points
+//!   plus the boundary term at 4 × 125 points);
+//! * each training step also as `…_graph`, through candle's autodiff instead of the
+//!   model's hand-written pass (`Objective::with_hand_written_gradients(false)`);
 //! * `likelihood`: log-densities of 64 points (exact divergence, RK45 at 1e-3).
 //!
 //! Short runs (10 samples, a few seconds each): `cargo bench --bench workloads`. Threads:
@@ -18,8 +23,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use rand::{rngs::StdRng, SeedableRng};
 use scoresde::autodiff::Divergence;
 use scoresde::likelihood::Likelihood;
+use scoresde::loss::{TimeSampling, Weighting};
 use scoresde::prelude::*;
-use scoresde::regularizer::{ScoreFpe, TimeDerivative, TimeWeighting};
+use scoresde::regularizer::{Boundary, Collocation, LogDensityFp, ScoreFpe, TimeDerivative, TimeWeighting};
 
 fn setup() -> (VpSde, VarMap, MlpScore<VpSde>) {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -67,6 +73,12 @@ fn training(c: &mut Criterion) {
     let dsm = Objective::new(&sde, &model).with_loss(loss);
     let mut trainer = Trainer::new(&vars, TrainConfig::default()).unwrap();
     c.bench_function("dsm_step", |b| b.iter(|| trainer.step(&dsm, &data).unwrap()));
+    let graph = Objective::new(&sde, &model)
+        .with_loss(loss)
+        .with_hand_written_gradients(false);
+    c.bench_function("dsm_step_graph", |b| {
+        b.iter(|| trainer.step(&graph, &data).unwrap())
+    });
     let residual = ScoreFpe::new()
         .with_weighting(TimeWeighting::Constant)
         .with_normalization(false)
@@ -75,9 +87,54 @@ fn training(c: &mut Criterion) {
         .with_time_derivative(TimeDerivative::Autodiff);
     let fpe = Objective::new(&sde, &model)
         .with_loss(loss)
-        .with_penalty(1e-3, residual)
+        .with_penalty(1e-3, residual.clone())
         .unwrap();
     c.bench_function("fpe_step", |b| b.iter(|| trainer.step(&fpe, &data).unwrap()));
+    let graph = Objective::new(&sde, &model)
+        .with_loss(loss)
+        .with_penalty(1e-3, residual)
+        .unwrap()
+        .with_hand_written_gradients(false);
+    c.bench_function("fpe_step_graph", |b| {
+        b.iter(|| trainer.step(&graph, &data).unwrap())
+    });
+}
+
+fn potential_training(c: &mut Criterion) {
+    setup();
+    let sde = OuSde::default();
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+    let model = GradientScore::new(MlpPotential::new(vb, PotentialConfig::default()).unwrap());
+    let loss = Dsm::default()
+        .with_weighting(Weighting::Constant)
+        .with_time_sampling(TimeSampling::Beta12);
+    let penalty = LogDensityFp::new()
+        .with_collocation(Collocation::UniformBox {
+            low: -3.5,
+            high: 3.5,
+            points: 500,
+            eps: 1e-5,
+        })
+        .unwrap()
+        .with_boundary(Some(Boundary::new(1.0, 125).unwrap()));
+    let config = TrainConfig {
+        batch_size: 1000,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(&vars, config).unwrap();
+    let data = Checkerboard::deveney();
+    let objective = Objective::new(&sde, &model)
+        .with_loss(loss)
+        .with_penalty(1.0, penalty)
+        .unwrap();
+    c.bench_function("log_density_fp_step", |b| {
+        b.iter(|| trainer.step(&objective, &data).unwrap())
+    });
+    let graph = objective.with_hand_written_gradients(false);
+    c.bench_function("log_density_fp_step_graph", |b| {
+        b.iter(|| trainer.step(&graph, &data).unwrap())
+    });
 }
 
 fn likelihood(c: &mut Criterion) {
@@ -103,6 +160,6 @@ criterion_group! {
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = sampling, training, likelihood
+    targets = sampling, training, potential_training, likelihood
 }
 criterion_main!(benches);
