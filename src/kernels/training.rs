@@ -1,5 +1,9 @@
-//! The score MLP's training step by hand: the DSM loss, optionally with the squared
-//! score-FPE residual, and the gradients of both with respect to every weight.
+//! Training steps by hand: the DSM loss plus a Fokker–Planck penalty, and the gradients of
+//! both with respect to every weight, for the crate's two reference networks — the score
+//! MLP ([`ScoreMlp`]: DSM and the squared score-FPE residual) and the potential MLP
+//! ([`PotentialMlp`]: DSM on `∇ₓu` and the log-density FP residual with its boundary term).
+//! Both are a head (how inputs enter, how the objective reads the outputs) on one layer
+//! [`Stack`] with a forward and a reverse pass.
 //!
 //! Through candle ops a DSM step is ~250 graph nodes and an FPE step, whose penalty needs
 //! third derivatives (∂ₓ∇·s, then the weights' gradient of that), several thousand; each
@@ -185,7 +189,7 @@ pub(crate) struct FpeCoefficients<'a, T> {
 
 /// One training batch and the objective's per-sample coefficients.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Batch<'a, T> {
+pub(crate) struct ScoreBatch<'a, T> {
     /// `[B, d]` row-major.
     pub(crate) x: &'a [T],
     pub(crate) t: &'a [T],
@@ -376,7 +380,7 @@ struct HiddenState<T> {
 }
 
 impl<T: Real> ScoreMlp<'_, T> {
-    fn validate(&self, batch: &Batch<'_, T>) -> Result<usize> {
+    fn validate(&self, batch: &ScoreBatch<'_, T>) -> Result<usize> {
         let d = self.dim;
         let rows = batch.t.len();
         self.stack.check(d + 2 * self.frequencies.len(), d)?;
@@ -403,13 +407,13 @@ impl<T: Real> ScoreMlp<'_, T> {
     /// are sums over samples, so the parts' values and gradients add up); each part runs
     /// single-threaded, so there is no synchronization inside a step. The cut depends only
     /// on the batch size, so results do not depend on the number of threads.
-    pub(crate) fn gradients(&self, batch: &Batch<'_, T>) -> Result<Gradients<T>> {
+    pub(crate) fn gradients(&self, batch: &ScoreBatch<'_, T>) -> Result<Gradients<T>> {
         let rows = self.validate(batch)?;
         in_parts(rows, |range| self.gradients_of_part(&batch.rows(self.dim, range)))
     }
 
     /// [`Self::gradients`] on one part of the batch, single-threaded.
-    fn gradients_of_part(&self, batch: &Batch<'_, T>) -> Result<Gradients<T>> {
+    fn gradients_of_part(&self, batch: &ScoreBatch<'_, T>) -> Result<Gradients<T>> {
         let jets = match batch.fpe {
             Some(_) => Jets::new(self.dim, true, true, Jets::all_pairs(self.dim)),
             None => Jets::value(self.dim),
@@ -429,7 +433,7 @@ impl<T: Real> ScoreMlp<'_, T> {
 
     /// `[x, sin(2πtw), cos(2πtw)]` and, with FPE, its jets: `∂/∂xₖ` is the unit vector
     /// `eₖ`, `∂/∂t = [0, 2πw·cos, −2πw·sin]`, second derivatives zero.
-    fn input_jets(&self, batch: &Batch<'_, T>, jets: &Jets) -> Vec<T> {
+    fn input_jets(&self, batch: &ScoreBatch<'_, T>, jets: &Jets) -> Vec<T> {
         let d = self.dim;
         let half = self.frequencies.len();
         let width = d + 2 * half;
@@ -463,7 +467,7 @@ impl<T: Real> ScoreMlp<'_, T> {
 
     /// DSM (and the FPE penalty) from the output jets `net` (`[J·B, d]`), and their
     /// adjoint.
-    fn objective(&self, batch: &Batch<'_, T>, net: &[T], jets: &Jets) -> (f64, f64, Vec<T>) {
+    fn objective(&self, batch: &ScoreBatch<'_, T>, net: &[T], jets: &Jets) -> (f64, f64, Vec<T>) {
         let d = self.dim;
         let rows = batch.t.len();
         let block = rows * d;
@@ -773,15 +777,15 @@ impl<T: Real> Gradients<T> {
     }
 }
 
-impl<'a, T: Real> Batch<'a, T> {
+impl<'a, T: Real> ScoreBatch<'a, T> {
     /// The rows `range` of the batch.
-    fn rows(&self, d: usize, range: std::ops::Range<usize>) -> Batch<'a, T> {
+    fn rows(&self, d: usize, range: std::ops::Range<usize>) -> ScoreBatch<'a, T> {
         fn rows<U>(v: &[U], range: std::ops::Range<usize>) -> &[U] {
             &v[range]
         }
         let (start, end) = (range.start, range.end);
         let per_row = |v| rows(v, start..end);
-        Batch {
+        ScoreBatch {
             x: &self.x[start * d..end * d],
             t: per_row(self.t),
             noise: &self.noise[start * d..end * d],

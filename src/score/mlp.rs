@@ -14,7 +14,8 @@ use rand_distr::{Distribution, StandardNormal};
 use super::{LogDensityModel, ScoreModel};
 use crate::error::ensure;
 use crate::kernels::training::{
-    Batch, FpeCoefficients, Layer, Points, PotentialBatch, PotentialMlp, Real, ResidualRows, ScoreMlp, Stack,
+    FpeCoefficients, Layer, Points, PotentialBatch, PotentialMlp, Real, ResidualRows, ScoreBatch, ScoreMlp,
+    Stack,
 };
 use crate::kernels::{DenseView, InferenceScope, Pointwise, ScoreMlpView};
 use crate::regularizer::PenaltyTerms;
@@ -606,7 +607,7 @@ impl<S: Sde> MlpScore<S> {
             values(&terms.dsm_weight)?,
         );
         let penalty_weight = terms.penalty_weight;
-        let kernel_batch = Batch {
+        let kernel_batch = ScoreBatch {
             x: &x,
             t: &times,
             noise: &noise,
