@@ -620,3 +620,20 @@ fn sorted_weights(vars: &VarMap) -> Vec<(String, Vec<f64>)> {
     weights.sort_by(|a, b| a.0.cmp(&b.0));
     weights
 }
+
+/// Sampling's score of a potential (`GradientScore::values_only`, the kernels' forward
+/// mode) on a batch split into parts, f32 and f64, against autodiff.
+#[test]
+fn potential_sampling_score_matches_autodiff_in_parts() {
+    for (dtype, tolerance) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let vars = VarMap::new();
+        let config = PotentialConfig::default(); // 3×80, Softplus β = 100
+        let make = || MlpPotential::new(VarBuilder::from_varmap(&vars, dtype, &Device::Cpu), config).unwrap();
+        let x = batch(2, 600, dtype);
+        let t = (batch(1, 600, dtype).abs().unwrap().squeeze(1).unwrap() + 0.01).unwrap();
+        let fast = GradientScore::values_only(make()).score(&x, &t).unwrap();
+        let exact = GradientScore::new(make()).score(&x, &t).unwrap();
+        let e = relative_difference(&fast, &exact);
+        assert!(e <= tolerance, "{dtype:?}: relative error {e}");
+    }
+}

@@ -882,6 +882,39 @@ impl<T: Real> PotentialMlp<'_, T> {
         Ok(total)
     }
 
+    /// The score `∇ₓu` at every point (`[N, d]` row-major), in forward mode: the value and
+    /// the `d` first-order jets through the stack, no reverse pass. Threads take parts.
+    pub(crate) fn score(&self, points: &Points<'_, T>) -> Result<Vec<T>> {
+        let d = self.dim;
+        self.stack.check(1 + d, 1)?;
+        let n = points.t.len();
+        if points.x.len() != n * d {
+            return Err(Error::Shape("score kernel: inputs of different lengths".into()));
+        }
+        let jets = Jets::new(d, true, false, Vec::new());
+        let ranges: Vec<_> = (0..n)
+            .step_by(PART_ROWS)
+            .map(|s| s..(s + PART_ROWS).min(n))
+            .collect();
+        let parts: Vec<Vec<T>> = ranges
+            .into_par_iter()
+            .map(|range| {
+                let rows = range.len();
+                let pass = self
+                    .stack
+                    .forward(self.input_jets(points, range, &jets), rows, &jets);
+                let mut out = vec![T::zero(); rows * d];
+                for (b, row) in out.chunks_exact_mut(d).enumerate() {
+                    for (k, v) in row.iter_mut().enumerate() {
+                        *v = pass.output[jets.x(k) * rows + b];
+                    }
+                }
+                out
+            })
+            .collect();
+        Ok(parts.concat())
+    }
+
     /// `[t, x]` and its jets: `∂/∂xₖ` is the unit vector at `1 + k`, `∂/∂t` at 0.
     fn input_jets(&self, points: &Points<'_, T>, range: std::ops::Range<usize>, jets: &Jets) -> Vec<T> {
         let d = self.dim;
