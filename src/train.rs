@@ -288,8 +288,8 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
             penalties: value.penalties.iter().map(scalar).collect::<Result<_>>()?,
         };
         if !values.loss.is_finite() {
-            // No backward pass through a graph that is already NaN.
-            return Ok((values, StepGradients::HandWritten(HashMap::new())));
+            // No backward pass through a graph that is already NaN: the trainer stops.
+            return Ok((values, StepGradients::NotComputed));
         }
         Ok((values, StepGradients::Graph(value.total.backward()?)))
     }
@@ -306,6 +306,7 @@ struct StepValues {
 enum StepGradients {
     Graph(candle_core::backprop::GradStore),
     HandWritten(HashMap<candle_core::TensorId, Tensor>),
+    NotComputed,
 }
 
 impl StepGradients {
@@ -313,6 +314,7 @@ impl StepGradients {
         match self {
             Self::Graph(store) => store.get(var),
             Self::HandWritten(map) => map.get(&var.id()),
+            Self::NotComputed => None,
         }
     }
 }
