@@ -149,6 +149,16 @@ where
     hand.penalty
 }
 
+/// [`compare`] with the default DSM loss, in f64.
+fn compare_with_dsm<S, M, R>(sde: &S, model: &M, vars: &VarMap, penalty: (f64, R), x0: &Tensor) -> Option<f64>
+where
+    S: Sde,
+    M: ScoreModel,
+    R: Regularizer<S, M>,
+{
+    compare(sde, model, vars, Dsm::default(), Some(penalty), x0, F64_TOLERANCE)
+}
+
 /// f64: agreement to 1e-9 relative (the two ways sum the same terms in different orders;
 /// the FPE gradient involves third derivatives of a network with weights O(1), so allow a
 /// few hundred ulps times the condition of the sums).
@@ -259,15 +269,7 @@ fn fpe_gradients_match_autodiff_in_other_dimensions() {
         let vars = VarMap::new();
         let m = model(&vars, sde, dim, Activation::Silu, DType::F64);
         let fpe = exact_fpe().with_weighting(TimeWeighting::Constant);
-        compare(
-            &sde,
-            &m,
-            &vars,
-            Dsm::default(),
-            Some((0.5, fpe)),
-            &batch(dim, 12, DType::F64),
-            F64_TOLERANCE,
-        );
+        compare_with_dsm(&sde, &m, &vars, (0.5, fpe), &batch(dim, 12, DType::F64));
     }
 }
 
@@ -279,15 +281,7 @@ fn large_batches_split_across_threads_match_autodiff() {
     let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
     let x0 = batch(2, 600, DType::F64);
     compare::<_, _, ScoreFpe>(&sde, &m, &vars, Dsm::default(), None, &x0, F64_TOLERANCE);
-    compare(
-        &sde,
-        &m,
-        &vars,
-        Dsm::default(),
-        Some((0.1, exact_fpe())),
-        &x0,
-        F64_TOLERANCE,
-    );
+    compare_with_dsm(&sde, &m, &vars, (0.1, exact_fpe()), &x0);
 }
 
 /// A time window: the weights are zero outside it and rescaled inside.
@@ -297,15 +291,7 @@ fn windowed_fpe_gradients_match_autodiff() {
     let vars = VarMap::new();
     let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
     let window = TimeWindow::new(exact_fpe(), 0.2, 0.7).unwrap();
-    compare(
-        &sde,
-        &m,
-        &vars,
-        Dsm::default(),
-        Some((1.0, window)),
-        &batch(2, 32, DType::F64),
-        F64_TOLERANCE,
-    );
+    compare_with_dsm(&sde, &m, &vars, (1.0, window), &batch(2, 32, DType::F64));
 }
 
 /// f32, the benchmark's precision: the same to 1e-4 relative (f32 rounding, ~1e-7, times
@@ -518,25 +504,15 @@ fn log_density_fp_in_parts_and_windows_match_autodiff() {
     let vars = VarMap::new();
     let m = potential(&vars, 2, Activation::Softplus { beta: 10.0 });
     let boundary = Some(Boundary::new(1.0, 150).unwrap()); // 600 boundary points
-    compare(
+    compare_with_dsm(
         &sde,
         &m,
         &vars,
-        Dsm::default(),
-        Some((1.0, box_fp(700, boundary))),
+        (1.0, box_fp(700, boundary)),
         &batch(2, 300, DType::F64),
-        F64_TOLERANCE,
     );
     let window = TimeWindow::new(LogDensityFp::new(), 0.5, 4.0).unwrap();
-    compare(
-        &sde,
-        &m,
-        &vars,
-        Dsm::default(),
-        Some((1.0, window)),
-        &batch(2, 40, DType::F64),
-        F64_TOLERANCE,
-    );
+    compare_with_dsm(&sde, &m, &vars, (1.0, window), &batch(2, 40, DType::F64));
 }
 
 /// Training a potential both ways: the same losses and weights after 4 steps, and the
