@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use rand::{Rng, RngCore};
 
 use super::score_fpe::check_points;
-use super::{LogDensityFpTerms, PenaltyTerms, Regularizer};
+use super::{BoundaryTerms, LogDensityFpTerms, PenaltyTerms, Regularizer};
 use crate::autodiff::{grad, leaf, Divergence};
 use crate::error::ensure;
 use crate::random::uniform;
@@ -266,10 +266,9 @@ impl<S: Sde, M: LogDensityModel> Regularizer<S, M> for LogDensityFp {
                 let Collocation::UniformBox { low, high, eps, .. } = self.collocation else {
                     return Ok(None); // the graph path reports the error
                 };
-                let (xb, tb) =
-                    face_points(x_t, boundary.points_per_face, low, high, eps, sde.end_time(), rng)?;
-                let v = (tb.ones_like()? * (boundary.weight / tb.dim(0)? as f64))?;
-                Some((xb, tb, v))
+                let (x, t) = face_points(x_t, boundary.points_per_face, low, high, eps, sde.end_time(), rng)?;
+                let weight = (t.ones_like()? * (boundary.weight / t.dim(0)? as f64))?;
+                Some(BoundaryTerms { x, t, weight })
             }
             None => None,
         };

@@ -74,6 +74,28 @@ pub trait Regularizer<S: Sde, M> {
 /// A penalty as per-point coefficients, for hand-written training passes
 /// ([`Regularizer::penalty_terms`]). Models answer the kinds they know and decline the
 /// others (the enum may grow).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use rand::{rngs::StdRng, SeedableRng};
+/// use scoresde::regularizer::{LogDensityFp, PenaltyTerms, Regularizer};
+/// use scoresde::score::MlpPotential;
+/// use scoresde::sde::OuSde;
+///
+/// // The paper's penalty: 5,000 box points, and 1,000 points on each of the 4 faces.
+/// let paper = LogDensityFp::paper(3.5)?;
+/// let x_t = Tensor::zeros((8, 2), DType::F64, &Device::Cpu)?;
+/// let t = Tensor::full(0.5f64, 8, &Device::Cpu)?;
+/// let terms = Regularizer::<OuSde, MlpPotential>::penalty_terms(
+///     &paper, &OuSde::default(), &x_t, &t, &mut StdRng::seed_from_u64(0),
+/// )?;
+/// let Some(PenaltyTerms::LogDensityFp(terms)) = terms else { unreachable!() };
+/// assert_eq!(terms.x.dims(), [5000, 2]);
+/// assert!((terms.weight.sum_all()?.to_scalar::<f64>()? - 1.0).abs() < 1e-12); // a mean
+/// let boundary = terms.boundary.expect("the paper's boundary term");
+/// assert_eq!(boundary.x.dims(), [4000, 2]);
+/// # Ok::<(), scoresde::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum PenaltyTerms {
@@ -114,8 +136,20 @@ pub struct LogDensityFpTerms {
     pub diffusion_squared: Tensor,
     /// `a(t_c)`, `[C]`.
     pub drift: Tensor,
-    /// Boundary points `x_b` (`[N, d]`), their times (`[N]`) and weights `v_b` (`[N]`).
-    pub boundary: Option<(Tensor, Tensor, Tensor)>,
+    /// The boundary term's points, if any.
+    pub boundary: Option<BoundaryTerms>,
+}
+
+/// The boundary term `Σ_b v_b exp(2u(x_b, t_b))` of [`LogDensityFpTerms`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct BoundaryTerms {
+    /// Points on the faces of the collocation box, `[N, d]`.
+    pub x: Tensor,
+    /// Their times, `[N]`.
+    pub t: Tensor,
+    /// The weights `v_b`, `[N]`.
+    pub weight: Tensor,
 }
 
 /// Restricts a penalty to the points whose time lies in `[from, to]`.
@@ -232,8 +266,8 @@ impl<S: Sde, M, R: Regularizer<S, M>> Regularizer<S, M> for TimeWindow<R> {
             }
             Some(PenaltyTerms::LogDensityFp(mut terms)) => {
                 terms.weight = (terms.weight * fraction)?;
-                if let Some((_, _, v)) = &mut terms.boundary {
-                    *v = (&*v * fraction)?;
+                if let Some(boundary) = &mut terms.boundary {
+                    boundary.weight = (&boundary.weight * fraction)?;
                 }
                 Some(PenaltyTerms::LogDensityFp(terms))
             }

@@ -836,9 +836,9 @@ impl MlpPotential {
             None => None,
         };
         let boundary = match fp.and_then(|fp| fp.boundary.as_ref()) {
-            Some((xb, tb, v)) => {
-                let (x, t) = points(xb, tb)?;
-                Some((x, t, host_values(v)?))
+            Some(b) => {
+                let (x, t) = points(&b.x, &b.t)?;
+                Some((x, t, host_values(&b.weight)?))
             }
             None => None,
         };
