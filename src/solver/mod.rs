@@ -11,7 +11,7 @@
 //!   adaptive [`Rk45`]) applied to the [`ProbabilityFlow`] vector field. The solvers work on
 //!   any [`OdeSystem`], which the likelihood code reuses.
 //!
-//! Every sampler returns an [`Error::NonFinite`](crate::Error::NonFinite) when its state
+//! Every sampler returns an [`Error::NonFinite`] when its state
 //! blows up, and reports how many score evaluations it used.
 //!
 //! ```
