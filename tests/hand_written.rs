@@ -363,19 +363,9 @@ fn training_runs_agree_with_autodiff() {
             .with_penalty(1e-2, exact_fpe())
             .unwrap()
             .with_hand_written_gradients(hand_written);
-        let mut trainer = Trainer::new(
-            &vars,
-            TrainConfig {
-                batch_size: 32,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let report = trainer
-            .fit(&objective, &Checkerboard::default(), 5, |_| {})
-            .unwrap();
+        let (losses, trainer) = train(&vars, &objective, 32, 5);
         (
-            report.losses,
+            losses,
             sorted_weights(&vars),
             trainer.untrained_variables().map(<[String]>::to_vec),
         )
@@ -527,15 +517,7 @@ fn potential_training_runs_agree_with_autodiff() {
             .with_penalty(0.1, box_fp(64, Some(Boundary::new(1.0, 8).unwrap())))
             .unwrap()
             .with_hand_written_gradients(hand_written);
-        let config = TrainConfig {
-            batch_size: 48,
-            ..Default::default()
-        };
-        let mut trainer = Trainer::new(&vars, config).unwrap();
-        let report = trainer
-            .fit(&objective, &Checkerboard::default(), 4, |_| {})
-            .unwrap();
-        (report.losses, sorted_weights(&vars))
+        (train(&vars, &objective, 48, 4).0, sorted_weights(&vars))
     };
     let (hand_losses, hand_weights) = run(true);
     let (graph_losses, graph_weights) = run(false);
@@ -569,20 +551,27 @@ fn declined_terms_leave_the_generator_in_place() {
             .with_penalty(0.1, box_fp(16, Some(Boundary::new(1.0, 4).unwrap())))
             .unwrap()
             .with_hand_written_gradients(hand_written);
-        let mut trainer = Trainer::new(
-            &vars,
-            TrainConfig {
-                batch_size: 16,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        trainer
-            .fit(&objective, &Checkerboard::default(), 3, |_| {})
-            .unwrap()
-            .losses
+        train(&vars, &objective, 16, 3).0
     };
     assert_eq!(run(true), run(false));
+}
+
+/// `steps` trainer steps on checkerboard batches: the losses, and the trainer.
+fn train<S: Sde, M: ScoreModel>(
+    vars: &VarMap,
+    objective: &Objective<'_, S, M>,
+    batch_size: usize,
+    steps: usize,
+) -> (Vec<f64>, Trainer) {
+    let config = TrainConfig {
+        batch_size,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(vars, config).unwrap();
+    let report = trainer
+        .fit(objective, &Checkerboard::default(), steps, |_| {})
+        .unwrap();
+    (report.losses, trainer)
 }
 
 fn sorted_weights(vars: &VarMap) -> Vec<(String, Vec<f64>)> {
