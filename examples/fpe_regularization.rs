@@ -21,7 +21,7 @@
 //! 2000), `--lambda L` (default 1e-3), `--t-min T` (default 0.05), `--points N` (samples
 //! for the W2s, default 1000).
 //!
-//! Run: `cargo run --release --example fpe_regularization` (a few minutes on 2 cores).
+//! Run: `cargo run --release --example fpe_regularization` (under a minute on 2 cores).
 
 mod common;
 
