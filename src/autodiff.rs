@@ -125,20 +125,57 @@ pub fn grad(y: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// [`grad`] without the higher-order guard. Its values are right whether or not candle keeps
 /// gradient graphs; only differentiating its result again needs the guard.
 pub(crate) fn grad_unguarded(y: &Tensor, x: &Tensor) -> Result<Tensor> {
-    check_float("grad", "y", y)?;
-    check_leaf("grad", x)?;
-    if !y.device().same_device(x.device()) {
-        return Err(Error::InvalidParameter(format!(
-            "grad: y is on {:?} but x is on {:?}",
-            y.device(),
-            x.device()
-        )));
+    let [g] = checked_grads("grad", y, [x])?;
+    Ok(g)
+}
+
+/// The gradients of `y.sum()` with respect to several leaves from one backward pass,
+/// keeping the graph: what [`grad`] gives for each leaf, at the cost of one call.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use scoresde::autodiff::{grads, leaf};
+/// let x = leaf(&Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu)?)?;
+/// let t = leaf(&Tensor::new(&[3.0f64], &Device::Cpu)?)?;
+/// let u = (x.sqr()?.sum(1)? * &t)?; // u = t·|x|², shape [1]
+/// let [du_dx, du_dt] = grads(&u, [&x, &t])?;
+/// assert_eq!(du_dx.to_vec2::<f64>()?, [[6.0, 12.0]]);
+/// assert_eq!(du_dt.to_vec1::<f64>()?, [5.0]);
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+pub fn grads<const N: usize>(y: &Tensor, leaves: [&Tensor; N]) -> Result<[Tensor; N]> {
+    ensure_higher_order_gradients()?;
+    checked_grads("grads", y, leaves)
+}
+
+/// [`grads`] without the guard, after checking its inputs for `func`'s errors.
+fn checked_grads<const N: usize>(func: &str, y: &Tensor, leaves: [&Tensor; N]) -> Result<[Tensor; N]> {
+    check_float(func, "y", y)?;
+    for x in leaves {
+        check_leaf(func, x)?;
+        if !y.device().same_device(x.device()) {
+            return Err(Error::InvalidParameter(format!(
+                "{func}: y is on {:?} but x is on {:?}",
+                y.device(),
+                x.device()
+            )));
+        }
     }
+    grads_unguarded(y, leaves)
+}
+
+/// [`grads`] without its checks and the guard (zeros for a leaf `y` does not depend on).
+fn grads_unguarded<const N: usize>(y: &Tensor, leaves: [&Tensor; N]) -> Result<[Tensor; N]> {
     let grads = y.sum_all()?.backward()?;
-    match grads.get(x) {
-        Some(g) => Ok(g.clone()),
-        None => Ok(x.zeros_like()?),
+    let mut out = Vec::with_capacity(N);
+    for x in leaves {
+        out.push(match grads.get(x) {
+            Some(g) => g.clone(),
+            None => x.zeros_like()?,
+        });
     }
+    out.try_into()
+        .map_err(|_| Error::InvalidParameter("grads: one gradient per leaf".into()))
 }
 
 /// Vector–Jacobian product `vᵀ ∂y/∂x`: the gradient of `(y · v).sum()` with respect to the
@@ -451,6 +488,34 @@ pub fn time_derivative_autodiff<M: ScoreModel + ?Sized>(model: &M, x: &Tensor, t
         columns.push(g.reshape((b, 1))?);
     }
     Ok(Tensor::cat(&columns, 1)?.reshape(x.shape())?)
+}
+
+/// The exact divergence `∇ₓ·s` (`[B]`) and `∂ₜs` (`[B, d]`) of a score `s` (`[B, …]`)
+/// computed from the leaves `x` and `t`, keeping the graph: `d` backward passes in all,
+/// since the pass of each coordinate `sᵢ` gives its gradient in `x` and in `t` at once
+/// (half the passes of [`divergence_exact`] then [`time_derivative_autodiff`]).
+pub(crate) fn divergence_and_time_derivative(s: &Tensor, x: &Tensor, t: &Tensor) -> Result<(Tensor, Tensor)> {
+    ensure_higher_order_gradients()?;
+    let (b, d) = check_same_batched_shape("divergence_and_time_derivative", s, x)?;
+    check_x_t("divergence_and_time_derivative", x, t)?;
+    check_leaf("divergence_and_time_derivative", x)?;
+    check_leaf("divergence_and_time_derivative", t)?;
+    check_float("divergence_and_time_derivative", "s", s)?;
+    if d == 0 {
+        return Ok((
+            Tensor::zeros(b, s.dtype(), s.device())?,
+            s.reshape((b, d))?.zeros_like()?,
+        ));
+    }
+    let s_flat = s.reshape((b, d))?;
+    let mut diagonal = Vec::with_capacity(d);
+    let mut columns = Vec::with_capacity(d);
+    for i in 0..d {
+        let [gx, gt] = grads_unguarded(&s_flat.narrow(1, i, 1)?, [x, t])?;
+        diagonal.push(gx.reshape((b, d))?.narrow(1, i, 1)?);
+        columns.push(gt.reshape((b, 1))?);
+    }
+    Ok((Tensor::cat(&diagonal, 1)?.sum(1)?, Tensor::cat(&columns, 1)?))
 }
 
 /// `∂s/∂t` of a score model by FP-Diffusion's three-point stencil: the shape of `x`.

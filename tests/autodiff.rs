@@ -20,8 +20,8 @@ use candle_nn::{Linear, Module, VarBuilder, VarMap};
 use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use scoresde::autodiff::{
-    divergence_exact, divergence_hutchinson, grad, leaf, time_derivative_autodiff, time_derivative_fd, vjp,
-    Probe, DEFAULT_FD_HD, DEFAULT_FD_HS,
+    divergence_exact, divergence_hutchinson, grad, grads, leaf, time_derivative_autodiff, time_derivative_fd,
+    vjp, Probe, DEFAULT_FD_HD, DEFAULT_FD_HS,
 };
 use scoresde::{Error, GradientScore, LogDensityModel, Result, ScoreModel};
 
@@ -293,6 +293,32 @@ fn grad_of_grad_matches_finite_differences_of_grad() -> Result<()> {
         &fd_grad_of_sum(&first, &x, H),
         TOL_FIRST,
         "∇(w·∇u)",
+    );
+    Ok(())
+}
+
+#[test]
+fn grads_give_each_leafs_gradient_from_one_pass() -> Result<()> {
+    // The MLP potential in x and t: grads must agree with one grad per leaf (the same
+    // backward arithmetic) and with central differences in t.
+    let (x, t) = (x_batch(), t_batch());
+    let (_map, mlp) = mlp_potential(2);
+    let (xl, tl) = (leaf(&x)?, leaf(&t)?);
+    let u = mlp.log_density(&xl, &tl)?;
+    let [gx, gt] = grads(&u, [&xl, &tl])?;
+    assert_close(&flat(&gx), &flat(&grad(&u, &xl)?), 1e-14, "∇ₓu");
+    assert_close(&flat(&gt), &flat(&grad(&u, &tl)?), 1e-14, "∂ₜu");
+    let fd_t = fd_grad_of_sum(&|t: &Tensor| mlp.log_density(&x, t), &t, H);
+    assert_close(&flat(&gt), &fd_t, TOL_FIRST, "∂ₜu against differences");
+
+    // A leaf u does not depend on gets zeros; a non-leaf is an error.
+    let other = leaf(&t)?;
+    let [_, zero] = grads(&u, [&xl, &other])?;
+    assert_eq!(flat(&zero), vec![0.0; 3]);
+    let err = grads(&u, [&xl, &t]).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidParameter(ref m) if m.contains("leaf")),
+        "{err}"
     );
     Ok(())
 }

@@ -228,6 +228,10 @@ fn score_fpe_penalty_gradients_match_finite_differences() {
         ),
         ("hutchinson/stencil", ScoreFpe::new()),
         (
+            "hutchinson/autodiff",
+            ScoreFpe::new().with_time_derivative(TimeDerivative::Autodiff),
+        ),
+        (
             "m=1/scalar",
             ScoreFpe::new()
                 .with_power(1.0)

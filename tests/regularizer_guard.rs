@@ -3,7 +3,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
-use scoresde::regularizer::{LogDensityFp, Regularizer, ScoreFpe};
+use scoresde::autodiff::Divergence;
+use scoresde::regularizer::{LogDensityFp, Regularizer, ScoreFpe, TimeDerivative};
 use scoresde::score::{Covariance, GaussianMixture};
 use scoresde::sde::VpSde;
 use scoresde::Error;
@@ -22,12 +23,18 @@ fn regularizers_return_the_guard_error_without_second_order_gradients() {
         let t = Tensor::full(0.5f64, 4, &Device::Cpu).unwrap();
         let mut rng = StdRng::seed_from_u64(0);
         let fpe = ScoreFpe::new().penalty(&sde, &exact, &x, &t, &mut rng);
+        // Exact divergence with autodiff in t takes a path of its own.
+        let exact_fpe = ScoreFpe::new()
+            .with_divergence(Divergence::Exact)
+            .unwrap()
+            .with_time_derivative(TimeDerivative::Autodiff)
+            .penalty(&sde, &exact, &x, &t, &mut rng);
         let lfp = LogDensityFp::new().penalty(&sde, &exact, &x, &t, &mut rng);
-        (fpe.map(|_| ()), lfp.map(|_| ()))
+        [fpe.map(|_| ()), exact_fpe.map(|_| ()), lfp.map(|_| ())]
     })
     .join()
     .unwrap();
-    for result in [outcome.0, outcome.1] {
+    for result in outcome {
         match result {
             Err(e @ Error::HigherOrderGradientsUnavailable) => {
                 assert!(e.to_string().contains("CANDLE_GRAD_DO_NOT_DETACH=1"), "{e}")

@@ -5,7 +5,7 @@ use rand::{Rng, RngCore};
 
 use super::score_fpe::check_points;
 use super::{BoundaryTerms, LogDensityFpTerms, PenaltyTerms, Regularizer};
-use crate::autodiff::{grad, leaf, Divergence};
+use crate::autodiff::{grads, leaf, Divergence};
 use crate::error::ensure;
 use crate::random::uniform;
 use crate::sde::{flatten_batch, Sde};
@@ -193,10 +193,9 @@ impl LogDensityFp {
                 x.dim(0)?
             )));
         }
-        let score = grad(&u, &x)?;
+        let [score, du_dt] = grads(&u, [&x, &t_leaf])?;
         let probes = self.divergence.draw_probes(&x, rng)?;
         let laplacian = self.divergence.evaluate(&score, &x, &probes)?;
-        let du_dt = grad(&u, &t_leaf)?;
 
         let t_plain = t.detach().to_dtype(x.dtype())?;
         let a = sde.drift_coeff_tensor(&t_plain)?;

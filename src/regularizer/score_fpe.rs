@@ -4,7 +4,7 @@ use candle_core::{DType, Tensor};
 use rand::RngCore;
 
 use super::{PenaltyTerms, Regularizer, ScoreFpeTerms};
-use crate::autodiff::{grad, leaf, time_derivative_fd, Divergence, Probe};
+use crate::autodiff::{divergence_and_time_derivative, grad, leaf, time_derivative_fd, Divergence, Probe};
 use crate::error::ensure;
 use crate::sde::{flatten_batch, per_sample, Sde};
 use crate::{Error, Result, ScoreModel};
@@ -12,7 +12,9 @@ use crate::{Error, Result, ScoreModel};
 /// How `∂_t s` is computed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TimeDerivative {
-    /// Exact, by autodiff through the network in `t`: one backward pass per dimension.
+    /// Exact, by autodiff through the network in `t`: one backward pass per dimension,
+    /// the same passes that give the exact divergence (so `Exact` with `Autodiff` costs
+    /// `d` passes in all, not `2d`).
     Autodiff,
     /// FP-Diffusion's three-point stencil with steps `hs` (backward) and `hd` (forward):
     /// two extra network evaluations, no backward pass.
@@ -212,7 +214,14 @@ impl ScoreFpe {
             )));
         }
         let probes = self.divergence.draw_probes(&x, rng)?;
-        let divergence = self.divergence.evaluate(&score, &x, &probes)?;
+        // With both derivatives by autodiff, one backward pass per coordinate serves both.
+        let (divergence, ds_dt) = match (self.divergence, self.time_derivative) {
+            (Divergence::Exact, TimeDerivative::Autodiff) => {
+                let (divergence, ds_dt) = divergence_and_time_derivative(&score, &x, &t_input)?;
+                (divergence, Some(ds_dt))
+            }
+            _ => (self.divergence.evaluate(&score, &x, &probes)?, None),
+        };
         let t_plain = t.detach().to_dtype(x.dtype())?;
         let g = sde.diffusion_tensor(&t_plain)?;
         let a = sde.drift_coeff_tensor(&t_plain)?;
@@ -223,8 +232,9 @@ impl ScoreFpe {
         let potential = ((&divergence + s_flat.sqr()?.sum(1)?)? * &half_g2)?
             .sub(&((&x_flat * &s_flat)?.sum(1)? * &a)?)?;
         let grad_potential = flatten_batch(&grad(&potential, &x)?)?;
-        let ds_dt = match self.time_derivative {
-            TimeDerivative::Autodiff => {
+        let ds_dt = match (ds_dt, self.time_derivative) {
+            (Some(ds_dt), _) => ds_dt,
+            (None, TimeDerivative::Autodiff) => {
                 let d = s_flat.dim(1)?;
                 let columns = (0..d)
                     .map(|i| {
@@ -235,7 +245,7 @@ impl ScoreFpe {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&columns, 1)?
             }
-            TimeDerivative::FiniteDifference { hs, hd } => {
+            (None, TimeDerivative::FiniteDifference { hs, hd }) => {
                 flatten_batch(&time_derivative_fd(model, &x, &t_plain, hs, hd)?)?
             }
         };
