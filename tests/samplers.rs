@@ -3,11 +3,11 @@
 
 use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
-use scoresde::score::{Covariance, DiffusedMixture, GaussianMixture};
+use scoresde::score::{Covariance, DiffusedMixture, GaussianMixture, PulseError};
 use scoresde::sde::{OuSde, Sde, SubVpSde, VeSde, VpSde};
 use scoresde::solver::{
     Ancestral, Euler, EulerMaruyama, Heun, Langevin, OdeSampler, PredictorCorrector, ReverseDiffusion, Rk45,
-    Sampler,
+    Sampler, TimeGrid,
 };
 use scoresde::{Error, ScoreModel};
 
@@ -278,4 +278,140 @@ fn bad_starting_points_are_rejected() {
     );
     assert!(matches!(r, Err(Error::InvalidParameter(_))), "{r:?}");
     assert!(PredictorCorrector::euler_maruyama(10).with_eps(0.0).is_err());
+}
+
+/// Cao et al. (NeurIPS 2023) on Gaussian data `N(μ, I)` under VP, where `p_t = N(α(t)μ, I)`
+/// and the score is linear: with a constant error `δ` on `[w₀, w₁]`, the mean error
+/// `e = E[x] − αμ` of `dx = [f − ½(1+λ²)g²s] dt + λg dw̄` solves `de/dt = ½λ²β e − ½(1+λ²)βδ`
+/// on the window (without the `δ` term off it), so with `B(t) = ∫₀ᵗβ`
+///
+/// ```text
+/// e(ε) = e^{−½λ²(B(T)−B(ε))} e(T) + δ (1+λ²)/λ² [e^{−½λ²(B(w₀)−B(ε))} − e^{−½λ²(B(w₁)−B(ε))}]
+/// ```
+///
+/// (`e(T) + ½δ(B(w₁) − B(w₀))` for `λ = 0`). Early errors die out exponentially in `λ²`;
+/// one at the end is weighted by `(1+λ²)/2` and never damped.
+fn pulse_mean_error(sde: &VpSde, lambda: f64, window: (f64, f64), delta: f64, e_end: f64) -> f64 {
+    let (b0, b1) = (sde.beta_min(), sde.beta_max());
+    let big_b = |t: f64| b0 * t + 0.5 * (b1 - b0) * t * t;
+    let eps = 1e-3;
+    let damp = |from: f64| (-0.5 * lambda * lambda * (big_b(from) - big_b(eps))).exp();
+    if lambda == 0.0 {
+        e_end + 0.5 * delta * (big_b(window.1) - big_b(window.0))
+    } else {
+        damp(sde.end_time()) * e_end
+            + delta * (1.0 + lambda * lambda) / (lambda * lambda) * (damp(window.0) - damp(window.1))
+    }
+}
+
+/// The mean of Euler–Maruyama on `grid` for the same problem: the score is linear, so the
+/// mean follows the noise-free recursion exactly.
+fn pulse_mean_recursion(
+    sde: &VpSde,
+    lambda: f64,
+    window: (f64, f64),
+    delta: f64,
+    mu: f64,
+    grid: &[f64],
+) -> f64 {
+    let mut m = 0.0; // the prior N(0, I)
+    for w in grid.windows(2) {
+        let (t, dt) = (w[0], w[0] - w[1]);
+        let pulse = if (window.0..=window.1).contains(&t) {
+            delta
+        } else {
+            0.0
+        };
+        let score = -(m - sde.mean_coeff(t) * mu) + pulse;
+        m = m * (1.0 - sde.drift_coeff(t) * dt)
+            + 0.5 * (1.0 + lambda * lambda) * sde.diffusion(t).powi(2) * dt * score;
+    }
+    m - sde.mean_coeff(grid[grid.len() - 1]) * mu
+}
+
+#[test]
+fn noise_damps_early_score_errors_and_not_late_ones() {
+    let sde = VpSde::default();
+    let mu = [2.0, -1.0];
+    let data = GaussianMixture::new(vec![1.0], vec![mu.to_vec()], vec![Covariance::Isotropic(1.0)]).unwrap();
+    let grid = TimeGrid::uniform(1.0, 1e-3, 1000).unwrap();
+    let fine = TimeGrid::uniform(1.0, 1e-3, 200_000).unwrap();
+    let n = 4000;
+    let mut rng = StdRng::seed_from_u64(17);
+    let prior = sde
+        .sample_prior((n, 2), DType::F64, &Device::Cpu, &mut rng)
+        .unwrap();
+    // Errors of the same sign in the first coordinate; the late one larger, for its shorter window.
+    let cases = [("early", (0.5, 0.7), 2.0), ("late", (1e-3, 0.05), 20.0)];
+    for (name, window, delta) in cases {
+        let score = PulseError::new(data.diffused(sde), window.0, window.1, vec![delta, 0.0]).unwrap();
+        let mut errors = Vec::new();
+        for lambda in [0.0, 1.0, 2.0] {
+            // The closed form against the recursion on a fine grid: O(dt) apart.
+            let e_end = -sde.mean_coeff(1.0) * mu[0];
+            let exact = pulse_mean_error(&sde, lambda, window, delta, e_end);
+            let fine_mean = pulse_mean_recursion(&sde, lambda, window, delta, mu[0], fine.times());
+            assert!(
+                (exact - fine_mean).abs() < 1e-3 * (1.0 + exact.abs()),
+                "{name} λ={lambda}: closed form {exact} vs recursion {fine_mean}"
+            );
+
+            // The sampler's sample mean against the recursion on its own grid, within 4
+            // standard errors (the marginals keep unit variance).
+            let sampler = PredictorCorrector::new(EulerMaruyama::with_lambda(lambda).unwrap(), grid.clone());
+            let x = sampler.sample(&sde, &score, &prior, &mut rng).unwrap().x;
+            let mean = x.mean(0).unwrap().to_vec1::<f64>().unwrap();
+            let std = x
+                .var_keepdim(0)
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let se = std[0] / (n as f64).sqrt();
+            let predicted = pulse_mean_recursion(&sde, lambda, window, delta, mu[0], grid.times());
+            let alpha = sde.mean_coeff(1e-3);
+            let got = mean[0] - alpha * mu[0];
+            assert!(
+                (got - predicted).abs() < 4.0 * se,
+                "{name} λ={lambda}: sample mean error {got} vs predicted {predicted} (se {se})"
+            );
+            // The unperturbed coordinate stays right.
+            assert!((mean[1] - alpha * mu[1]).abs() < 4.0 * std[1] / (n as f64).sqrt() + 0.01);
+            errors.push((got, 4.0 * se));
+        }
+        let separated = |a: (f64, f64), b: (f64, f64)| a.0 - a.1 > b.0 + b.1;
+        match name {
+            // Early: the ODE keeps all of it, noise removes most of it.
+            "early" => assert!(
+                separated(errors[0], errors[1]) && separated(errors[1], errors[2]),
+                "{errors:?}"
+            ),
+            // Late: the more noise, the larger the error.
+            _ => assert!(
+                separated(errors[2], errors[1]) && separated(errors[1], errors[0]),
+                "{errors:?}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn pulse_error_adds_its_shift_inside_the_window_only() {
+    let zero = |x: &Tensor, _t: &Tensor| Ok(x.zeros_like()?);
+    let pulse = PulseError::new(zero, 0.2, 0.4, vec![1.5, -2.0]).unwrap();
+    for dtype in [DType::F32, DType::F64] {
+        let x = Tensor::zeros((4, 2), dtype, &Device::Cpu).unwrap();
+        // Both ends of the window are inside.
+        let t = Tensor::new(&[0.1f64, 0.2, 0.4, 0.41], &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let s = pulse.score(&x, &t).unwrap().to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+        assert_eq!(s, [[0.0, 0.0], [1.5, -2.0], [1.5, -2.0], [0.0, 0.0]], "{dtype:?}");
+    }
+    let x3 = Tensor::zeros((4, 3), DType::F64, &Device::Cpu).unwrap();
+    let t = Tensor::full(0.3f64, 4, &Device::Cpu).unwrap();
+    assert!(matches!(pulse.score(&x3, &t), Err(Error::Shape(_))));
+    let x = Tensor::zeros((4, 2), DType::F64, &Device::Cpu).unwrap();
+    assert!(matches!(pulse.score(&x, &t.narrow(0, 0, 3).unwrap()), Err(Error::Shape(_))));
 }

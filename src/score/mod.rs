@@ -8,6 +8,8 @@
 //!   `candle_nn::VarBuilder` (so you own the parameters), ready to train.
 //! * [`GaussianMixture`] gives exact scores, log-densities and samples at every time under
 //!   every SDE: the ground truth the tests check against.
+//! * [`PulseError`] adds a known error to a score on a time window, to see how each sampler
+//!   carries it to the samples.
 
 use candle_core::Tensor;
 
@@ -101,5 +103,7 @@ pub trait LogDensityModel {
 
 mod mixture;
 mod mlp;
+mod pulse;
 pub use mixture::{Covariance, DiffusedMixture, GaussianMixture};
 pub use mlp::{Activation, FourierFeatures, MlpConfig, MlpPotential, MlpScore, PotentialConfig};
+pub use pulse::PulseError;
