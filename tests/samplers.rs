@@ -399,19 +399,24 @@ fn noise_damps_early_score_errors_and_not_late_ones() {
 }
 
 #[test]
-fn pulse_error_adds_its_shift_inside_the_window_only() {
+fn pulse_error_adds_its_shift_inside_the_window_only() -> scoresde::Result<()> {
     let zero = |x: &Tensor, _t: &Tensor| Ok(x.zeros_like()?);
-    let pulse = PulseError::new(zero, 0.2, 0.4, vec![1.5, -2.0]).unwrap();
+    let pulse = PulseError::new(zero, 0.2, 0.4, vec![1.5, -2.0])?;
+    let dev = Device::Cpu;
     for dtype in [DType::F32, DType::F64] {
-        let x = Tensor::zeros((4, 2), dtype, &Device::Cpu).unwrap();
+        let x = Tensor::zeros((4, 2), dtype, &dev)?;
         // Both ends of the window are inside.
-        let t = Tensor::new(&[0.1f64, 0.2, 0.4, 0.41], &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        let s = pulse.score(&x, &t).unwrap().to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+        let t = Tensor::new(&[0.1f64, 0.2, 0.4, 0.41], &dev)?.to_dtype(dtype)?;
+        let s = pulse.score(&x, &t)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
         assert_eq!(s, [[0.0, 0.0], [1.5, -2.0], [1.5, -2.0], [0.0, 0.0]], "{dtype:?}");
     }
-    let x3 = Tensor::zeros((4, 3), DType::F64, &Device::Cpu).unwrap();
-    let t = Tensor::full(0.3f64, 4, &Device::Cpu).unwrap();
+    let t = Tensor::full(0.3f64, 4, &dev)?;
+    let x3 = Tensor::zeros((4, 3), DType::F64, &dev)?;
     assert!(matches!(pulse.score(&x3, &t), Err(Error::Shape(_))));
-    let x = Tensor::zeros((4, 2), DType::F64, &Device::Cpu).unwrap();
-    assert!(matches!(pulse.score(&x, &t.narrow(0, 0, 3).unwrap()), Err(Error::Shape(_))));
+    let x = Tensor::zeros((4, 2), DType::F64, &dev)?;
+    assert!(matches!(
+        pulse.score(&x, &t.narrow(0, 0, 3)?),
+        Err(Error::Shape(_))
+    ));
+    Ok(())
 }
