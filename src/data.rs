@@ -35,7 +35,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, RngCore};
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::error::ensure;
+use crate::error::{ensure, ensure_positive};
 use crate::score::{Covariance, GaussianMixture};
 use crate::{Error, Result};
 
@@ -94,12 +94,6 @@ fn normal(rng: &mut dyn RngCore) -> f64 {
     StandardNormal.sample(rng)
 }
 
-fn positive(name: &str, value: f64) -> Result<()> {
-    ensure(value.is_finite() && value > 0.0, || {
-        format!("{name} must be finite and > 0, got {value}")
-    })
-}
-
 fn non_negative(name: &str, value: f64) -> Result<()> {
     ensure(value.is_finite() && value >= 0.0, || {
         format!("{name} must be finite and >= 0, got {value}")
@@ -131,7 +125,7 @@ pub struct Checkerboard {
 impl Checkerboard {
     /// A board covering `[−half_width, half_width]²`; errors unless `half_width > 0`.
     pub fn new(half_width: f64) -> Result<Self> {
-        positive("half_width", half_width)?;
+        ensure_positive("half_width", half_width)?;
         Ok(Self { half_width })
     }
 

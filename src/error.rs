@@ -72,3 +72,10 @@ pub(crate) fn ensure(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
         Err(Error::InvalidParameter(msg()))
     }
 }
+
+/// [`ensure`] that a hyperparameter is finite and strictly positive.
+pub(crate) fn ensure_positive(name: &str, value: f64) -> Result<()> {
+    ensure(value.is_finite() && value > 0.0, || {
+        format!("{name} must be finite and > 0, got {value}")
+    })
+}

@@ -39,7 +39,7 @@ use candle_core::{DType, Tensor};
 use rand::Rng;
 
 use crate::autodiff::{leaf, Divergence};
-use crate::error::ensure;
+use crate::error::{ensure, ensure_positive};
 use crate::sde::Sde;
 use crate::solver::{OdeSolution, OdeSolver, OdeSystem, ProbabilityFlow, Rk45};
 use crate::{Error, Result, ScoreModel};
@@ -182,9 +182,7 @@ impl<O: OdeSolver> Likelihood<O> {
 
     /// Starts the ODE at `ε > 0` instead of `1e-5`.
     pub fn with_eps(mut self, eps: f64) -> Result<Self> {
-        ensure(eps.is_finite() && eps > 0.0, || {
-            format!("eps must be finite and > 0, got {eps}")
-        })?;
+        ensure_positive("eps", eps)?;
         self.eps = eps;
         Ok(self)
     }

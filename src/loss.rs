@@ -36,7 +36,7 @@
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 
-use crate::error::ensure;
+use crate::error::{ensure, ensure_positive};
 use crate::sde::{per_sample, Sde};
 use crate::{Error, Result, ScoreModel};
 
@@ -161,9 +161,7 @@ impl Dsm {
 
     /// With smallest time `ε` (finite, `> 0`).
     pub fn with_eps(mut self, eps: f64) -> Result<Self> {
-        ensure(eps.is_finite() && eps > 0.0, || {
-            format!("eps must be finite and > 0, got {eps}")
-        })?;
+        ensure_positive("eps", eps)?;
         self.eps = eps;
         Ok(self)
     }

@@ -57,7 +57,7 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
 use crate::data::Dataset;
-use crate::error::ensure;
+use crate::error::{ensure, ensure_positive};
 use crate::loss::{Dsm, DsmBatch};
 use crate::regularizer::{PenaltyTerms, Regularizer};
 use crate::sde::Sde;
@@ -442,13 +442,8 @@ impl Default for TrainConfig {
 impl TrainConfig {
     fn validate(&self) -> Result<()> {
         ensure(self.batch_size > 0, || "batch_size must be > 0".into())?;
-        let finite_positive = |name: &str, v: f64| {
-            ensure(v.is_finite() && v > 0.0, || {
-                format!("{name} must be finite and > 0, got {v}")
-            })
-        };
-        finite_positive("learning_rate", self.learning_rate)?;
-        finite_positive("adam_eps", self.adam_eps)?;
+        ensure_positive("learning_rate", self.learning_rate)?;
+        ensure_positive("adam_eps", self.adam_eps)?;
         ensure(self.weight_decay.is_finite() && self.weight_decay >= 0.0, || {
             format!("weight_decay must be finite and >= 0, got {}", self.weight_decay)
         })?;
@@ -457,7 +452,7 @@ impl TrainConfig {
             format!("betas must lie in [0, 1), got ({b1}, {b2})")
         })?;
         if let Some(c) = self.grad_clip {
-            finite_positive("grad_clip", c)?;
+            ensure_positive("grad_clip", c)?;
         }
         ensure((0.0..1.0).contains(&self.ema_decay), || {
             format!("ema_decay must lie in [0, 1), got {}", self.ema_decay)

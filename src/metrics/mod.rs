@@ -39,7 +39,7 @@ use candle_core::{DType, Tensor};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::error::ensure;
+use crate::error::{ensure, ensure_positive};
 use crate::{Error, Result};
 
 /// A point set read into row-major `f64`.
@@ -200,9 +200,7 @@ pub fn mmd2_unbiased(x: &Tensor, y: &Tensor, bandwidth: Option<f64>) -> Result<f
     })?;
     let h = match bandwidth {
         Some(h) => {
-            ensure(h.is_finite() && h > 0.0, || {
-                format!("the bandwidth must be finite and > 0, got {h}")
-            })?;
+            ensure_positive("the bandwidth", h)?;
             h
         }
         None => median_distance(&x, &y)?,

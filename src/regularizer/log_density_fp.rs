@@ -6,7 +6,7 @@ use rand::{Rng, RngCore};
 use super::score_fpe::check_points;
 use super::{BoundaryTerms, LogDensityFpTerms, PenaltyTerms, Regularizer};
 use crate::autodiff::{grads, leaf, Divergence};
-use crate::error::ensure;
+use crate::error::{ensure, ensure_positive};
 use crate::random::uniform;
 use crate::sde::{flatten_batch, Sde};
 use crate::{Error, LogDensityModel, Result};
@@ -157,9 +157,7 @@ impl LogDensityFp {
             ensure(points > 0, || {
                 "the collocation box needs at least one point".into()
             })?;
-            ensure(eps.is_finite() && eps > 0.0, || {
-                format!("eps must be finite and > 0, got {eps}")
-            })?;
+            ensure_positive("eps", eps)?;
         }
         self.collocation = collocation;
         Ok(self)

@@ -5,7 +5,7 @@ use rand::RngCore;
 
 use super::{PenaltyTerms, Regularizer, ScoreFpeTerms};
 use crate::autodiff::{divergence_and_time_derivative, grad, leaf, time_derivative_fd, Divergence, Probe};
-use crate::error::ensure;
+use crate::error::{ensure, ensure_positive};
 use crate::sde::{flatten_batch, per_sample, Sde};
 use crate::{Error, Result, ScoreModel};
 
@@ -134,9 +134,7 @@ impl ScoreFpe {
     /// assert!(scoresde::regularizer::ScoreFpe::new().with_power(0.0).is_err());
     /// ```
     pub fn with_power(mut self, m: f64) -> Result<Self> {
-        ensure(m.is_finite() && m > 0.0, || {
-            format!("the norm power m must be finite and > 0, got {m}")
-        })?;
+        ensure_positive("the norm power m", m)?;
         self.power = m;
         Ok(self)
     }

@@ -12,7 +12,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
 use super::{LogDensityModel, ScoreModel};
-use crate::error::ensure;
+use crate::error::{ensure, ensure_positive};
 use crate::kernels::training::{
     FpeCoefficients, Layer, Points, PotentialBatch, PotentialMlp, Real, ResidualRows, ScoreBatch, ScoreMlp,
     Stack,
@@ -102,9 +102,7 @@ impl Activation {
 
     fn validate(&self) -> Result<()> {
         if let Self::Softplus { beta } = *self {
-            ensure(beta.is_finite() && beta > 0.0, || {
-                format!("softplus beta must be finite and > 0, got {beta}")
-            })?;
+            ensure_positive("softplus beta", beta)?;
         }
         Ok(())
     }
@@ -317,9 +315,7 @@ impl FourierFeatures {
         ensure(features >= 2 && features % 2 == 0, || {
             format!("the number of Fourier features must be even and >= 2, got {features}")
         })?;
-        ensure(scale.is_finite() && scale > 0.0, || {
-            format!("the Fourier scale must be finite and > 0, got {scale}")
-        })?;
+        ensure_positive("the Fourier scale", scale)?;
         let mut rng = StdRng::seed_from_u64(seed);
         let values = (0..features / 2)
             .map(|_| scale * Distribution::<f64>::sample(&StandardNormal, &mut rng))

@@ -211,13 +211,6 @@ pub trait AncestralSde: Sde {
     fn ancestral_step(&self, x: &Tensor, score: &Tensor, t: f64, dt: f64) -> Result<(Tensor, f64)>;
 }
 
-/// Checks a hyperparameter is finite and strictly positive.
-pub(crate) fn positive(name: &str, value: f64) -> Result<()> {
-    crate::error::ensure(value.is_finite() && value > 0.0, || {
-        format!("{name} must be finite and > 0, got {value}")
-    })
-}
-
 /// A per-sample coefficient `[B]` reshaped to broadcast against `x` of shape `[B, …]`.
 pub(crate) fn per_sample(coeff: &Tensor, x: &Tensor) -> Result<Tensor> {
     let b = x.dim(0)?;

@@ -2,7 +2,8 @@
 
 use candle_core::Tensor;
 
-use super::{positive, Sde};
+use super::Sde;
+use crate::error::ensure_positive;
 use crate::Result;
 
 /// The Ornstein–Uhlenbeck SDE `dx = −θx dt + s dw`, prior `N(0, s²/(2θ) I)`.
@@ -34,9 +35,9 @@ impl OuSde {
     /// # Ok::<(), scoresde::Error>(())
     /// ```
     pub fn new(theta: f64, scale: f64, end_time: f64) -> Result<Self> {
-        positive("theta", theta)?;
-        positive("noise scale s", scale)?;
-        positive("end time T", end_time)?;
+        ensure_positive("theta", theta)?;
+        ensure_positive("noise scale s", scale)?;
+        ensure_positive("end time T", end_time)?;
         Ok(Self {
             theta,
             scale,

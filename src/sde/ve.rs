@@ -2,8 +2,8 @@
 
 use candle_core::Tensor;
 
-use super::{positive, AncestralSde, Discretization, Sde};
-use crate::error::ensure;
+use super::{AncestralSde, Discretization, Sde};
+use crate::error::{ensure, ensure_positive};
 use crate::Result;
 
 /// The variance-exploding SDE `dx = σ_v(t)√(2 ln(σ_max/σ_min)) dw` with
@@ -36,8 +36,8 @@ impl VeSde {
     /// # Ok::<(), scoresde::Error>(())
     /// ```
     pub fn new(sigma_min: f64, sigma_max: f64) -> Result<Self> {
-        positive("sigma_min", sigma_min)?;
-        positive("sigma_max", sigma_max)?;
+        ensure_positive("sigma_min", sigma_min)?;
+        ensure_positive("sigma_max", sigma_max)?;
         ensure(sigma_max > sigma_min, || {
             format!("sigma_max ({sigma_max}) must be larger than sigma_min ({sigma_min})")
         })?;
@@ -51,7 +51,7 @@ impl VeSde {
     /// The same SDE integrated to end time `T` (default 1). `σ_v(t)` keeps its form, so
     /// the prior std becomes `σ(T) = σ_min(σ_max/σ_min)^T`.
     pub fn with_end_time(mut self, end_time: f64) -> Result<Self> {
-        positive("end time T", end_time)?;
+        ensure_positive("end time T", end_time)?;
         self.end_time = end_time;
         Ok(self)
     }

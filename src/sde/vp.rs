@@ -2,8 +2,8 @@
 
 use candle_core::Tensor;
 
-use super::{positive, AncestralSde, Discretization, Sde};
-use crate::error::ensure;
+use super::{AncestralSde, Discretization, Sde};
+use crate::error::{ensure, ensure_positive};
 use crate::Result;
 
 /// The linear noise schedule `β(t) = β_min + t(β_max − β_min)` shared by VP and sub-VP.
@@ -19,9 +19,7 @@ impl LinearBeta {
         ensure(beta_min.is_finite() && beta_min >= 0.0, || {
             format!("beta_min must be finite and >= 0, got {beta_min}")
         })?;
-        ensure(beta_max.is_finite() && beta_max > 0.0, || {
-            format!("beta_max must be finite and > 0, got {beta_max}")
-        })?;
+        ensure_positive("beta_max", beta_max)?;
         ensure(beta_min <= beta_max, || {
             format!("beta_min ({beta_min}) must not exceed beta_max ({beta_max})")
         })?;
@@ -75,7 +73,7 @@ macro_rules! beta_schedule_api {
 
             /// The same SDE integrated to end time `T` (default 1).
             pub fn with_end_time(mut self, end_time: f64) -> Result<Self> {
-                positive("end time T", end_time)?;
+                ensure_positive("end time T", end_time)?;
                 self.beta.end_time = end_time;
                 Ok(self)
             }

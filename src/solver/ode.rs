@@ -5,7 +5,7 @@ use candle_core::{DType, Tensor};
 use rand::Rng;
 
 use super::{check_start, ensure_finite, time_like, Sampler, Samples, SolverStats, StepSchedule};
-use crate::error::ensure;
+use crate::error::{ensure, ensure_positive};
 use crate::sde::Sde;
 use crate::{Error, Result, ScoreModel};
 
@@ -256,9 +256,7 @@ impl Rk45 {
     /// # Ok::<(), scoresde::Error>(())
     /// ```
     pub fn with_first_step(mut self, h: f64) -> Result<Self> {
-        ensure(h.is_finite() && h > 0.0, || {
-            format!("first step must be finite and > 0, got {h}")
-        })?;
+        ensure_positive("first step", h)?;
         self.first_step = Some(h);
         Ok(self)
     }
@@ -485,9 +483,7 @@ impl<O: OdeSolver> OdeSampler<O> {
 
     /// The same sampler ending at `ε > 0`.
     pub fn with_eps(mut self, eps: f64) -> Result<Self> {
-        ensure(eps.is_finite() && eps > 0.0, || {
-            format!("eps must be finite and > 0, got {eps}")
-        })?;
+        ensure_positive("eps", eps)?;
         self.eps = eps;
         Ok(self)
     }

@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use rand::Rng;
 
 use super::{check_start, ensure_finite, time_like, Counted, Sampler, Samples, SolverStats, StepSchedule};
-use crate::error::ensure;
+use crate::error::{ensure, ensure_positive};
 use crate::random::standard_normal;
 use crate::sde::{AncestralSde, Sde};
 use crate::{Result, ScoreModel};
@@ -213,9 +213,7 @@ pub struct Langevin {
 impl Langevin {
     /// A corrector with signal-to-noise ratio `snr > 0` and `steps ≥ 1` moves per time.
     pub fn new(snr: f64, steps: usize) -> Result<Self> {
-        ensure(snr.is_finite() && snr > 0.0, || {
-            format!("snr must be finite and > 0, got {snr}")
-        })?;
+        ensure_positive("snr", snr)?;
         ensure(steps > 0, || {
             "the Langevin corrector needs at least one step".into()
         })?;
@@ -314,9 +312,7 @@ impl<P, C> PredictorCorrector<P, C> {
     /// The same sampler ending at `ε > 0` (ignored when the schedule is an explicit grid,
     /// which carries its own end).
     pub fn with_eps(mut self, eps: f64) -> Result<Self> {
-        ensure(eps.is_finite() && eps > 0.0, || {
-            format!("eps must be finite and > 0, got {eps}")
-        })?;
+        ensure_positive("eps", eps)?;
         self.eps = eps;
         Ok(self)
     }
