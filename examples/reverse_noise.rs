@@ -1,6 +1,6 @@
 //! Why noise in the reverse process helps, and when it does not (Cao et al., NeurIPS 2023).
 //!
-//! The exact score of a 2-D Gaussian mixture under VP, plus a known error `δ` on a time
+//! The exact score of a 2-D Gaussian mixture (`EightGaussians`) under VP, plus a known error `δ` on a time
 //! window ([`PulseError`]), sampled by the family `dx = [f − ½(1+λ²)g²s] dt + λg dw̄`
 //! (Euler–Maruyama with `λ = 0`: the probability-flow ODE; `λ = 1`: the reverse SDE) from
 //! the same prior draws. Every distance to the data beyond the floor is the error's doing:
@@ -21,6 +21,7 @@
 
 use candle_core::{DType, Device};
 use rand::{rngs::StdRng, SeedableRng};
+use scoresde::data::EightGaussians;
 use scoresde::metrics::w2_exact;
 use scoresde::prelude::*;
 use scoresde::score::PulseError;
@@ -33,15 +34,8 @@ const LAMBDAS: [f64; 5] = [0.0, 0.5, 1.0, 1.5, 2.0];
 const FLOORS: usize = 5;
 
 fn main() -> scoresde::Result<()> {
-    let data = GaussianMixture::new(
-        vec![0.3, 0.3, 0.4],
-        vec![vec![-2.0, 0.0], vec![2.0, 0.0], vec![0.0, 2.5]],
-        vec![
-            Covariance::Isotropic(0.2),
-            Covariance::Diagonal(vec![0.1, 0.4]),
-            Covariance::Full(vec![vec![0.3, 0.15], vec![0.15, 0.2]]),
-        ],
-    )?;
+    // Eight Gaussians on a circle, as an exact mixture.
+    let data = EightGaussians.mixture();
     let sde = VpSde::default();
     let exact = data.diffused(sde);
     let device = Device::Cpu;
