@@ -23,6 +23,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use scoresde::data::TwoMoons;
 use scoresde::metrics::mmd2_unbiased;
 use scoresde::prelude::*;
+use scoresde::random::seeded_var_builder;
 
 const TRAIN_STEPS: usize = 3000;
 const SAMPLES: usize = 2000;
@@ -97,14 +98,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let points = TwoMoons::default().sample(5000, &mut rng)?.to_dtype(DType::F32)?;
     let data = Empirical::new(points)?;
 
+    // candle-nn's layers draw their initial weights from candle's generator, which cannot
+    // be seeded; a seeded builder draws the same initializations from a seed instead.
     let vars = VarMap::new();
-    let model = ResidualScoreNet::new(
-        VarBuilder::from_varmap(&vars, DType::F32, &device),
-        sde,
-        2,
-        128,
-        2,
-    )?;
+    let model = ResidualScoreNet::new(seeded_var_builder(&vars, 0, DType::F32, &device), sde, 2, 128, 2)?;
 
     // Samples from the untrained network, for comparison.
     let noise = sde.sample_prior((SAMPLES, 2), DType::F32, &device, &mut rng)?;
