@@ -14,12 +14,15 @@
 //!
 //!     error=<none|early|late> lambda=<λ> w2_data=<exact W2 to fresh data samples> mean_shift=<x₁ mean error>
 //!
-//! and the floor (W2 from a few independent exact sample sets to the data samples). `docs/theory.md` §2 has
+//! and the floor (W2 from a few independent exact sample sets to the data samples); the
+//! samples of λ = 0, 1, 2 under both errors go to `out/reverse_noise.png`. `docs/theory.md` §2 has
 //! the closed form for Gaussian data; `tests/samplers.rs` checks the sampler against it.
 //!
 //! Run: `cargo run --release --example reverse_noise` (about a minute on 2 cores).
 
-use candle_core::{DType, Device};
+mod common;
+
+use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
 use scoresde::data::EightGaussians;
 use scoresde::metrics::w2_exact;
@@ -32,8 +35,11 @@ const STEPS: usize = 1000;
 const EPS: f64 = 1e-3;
 const LAMBDAS: [f64; 5] = [0.0, 0.5, 1.0, 1.5, 2.0];
 const FLOORS: usize = 5;
+/// The λ's whose samples go into the PNG (one row per error).
+const PLOTTED: [f64; 3] = [0.0, 1.0, 2.0];
+const PNG: &str = "out/reverse_noise.png";
 
-fn main() -> scoresde::Result<()> {
+fn main() -> common::BoxResult<()> {
     // Eight Gaussians on a circle, as an exact mixture.
     let data = EightGaussians.mixture();
     let sde = VpSde::default();
@@ -55,6 +61,7 @@ fn main() -> scoresde::Result<()> {
             PulseError::new(exact.clone(), EPS, 0.05, vec![20.0, 0.0])?,
         ),
     ];
+    let mut panels = Vec::new();
     for (name, score) in &cases {
         for lambda in LAMBDAS {
             let sampler = PredictorCorrector::new(EulerMaruyama::with_lambda(lambda)?, grid.clone());
@@ -62,6 +69,9 @@ fn main() -> scoresde::Result<()> {
             let w2 = w2_exact(&x, &reference)?;
             let shift = x.mean(0)?.to_vec1::<f64>()?[0] - data_mean;
             println!("error={name} lambda={lambda} w2_data={w2:.4} mean_shift={shift:.4}");
+            if *name != "none" && PLOTTED.contains(&lambda) {
+                panels.push((format!("{name} error, lambda = {lambda} (W2 {w2:.2})"), x));
+            }
         }
     }
     // The floor fluctuates with the number of points in each cluster: show a few.
@@ -74,5 +84,10 @@ fn main() -> scoresde::Result<()> {
         "# floor: W2 from independent exact sample sets to the data samples = {}",
         floors.join(" ")
     );
+
+    std::fs::create_dir_all("out")?;
+    let refs: Vec<(String, &Tensor)> = panels.iter().map(|(title, x)| (title.clone(), x)).collect();
+    common::plot_panels(PNG, PLOTTED.len(), 6.0, &refs)?;
+    println!("# png: {PNG}");
     Ok(())
 }
