@@ -11,7 +11,7 @@
 //! where `dsm_loss` is the EMA model's DSM loss (σ² weighting) on 10,000 fresh points and
 //! the MMDs are unbiased Gaussian-kernel MMD² estimates against fresh data.
 //!
-//! Run: `cargo run --release --example quickstart` (15–30 s on 2 cores once built).
+//! Run: `cargo run --release --example quickstart` (about 15 s on 2 cores once built).
 
 mod common;
 
