@@ -491,6 +491,10 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// The learning rate used.
     pub learning_rate: f64,
+    /// Whether the model's hand-written pass computed the gradients
+    /// ([`ScoreModel::objective_gradients`]); `false`: candle's autodiff graph, because
+    /// the model has no such pass or the objective is not of a form it takes.
+    pub hand_written: bool,
 }
 
 /// What [`Trainer::fit`] did.
@@ -708,6 +712,7 @@ impl Trainer {
         let x0 = x0.to_device(&self.device)?.to_dtype(self.dtype)?;
         let (values, grads) = objective.gradients(&x0, &mut rng).map_err(at_step)?;
         let StepValues { loss, dsm, penalties } = values;
+        let hand_written = matches!(grads, StepGradients::HandWritten(_));
         if !loss.is_finite() {
             return Err(Error::NonFiniteLoss { step, loss });
         }
@@ -767,6 +772,7 @@ impl Trainer {
             penalties,
             grad_norm,
             learning_rate,
+            hand_written,
         })
     }
 

@@ -383,6 +383,38 @@ fn training_runs_agree_with_autodiff() {
     assert_eq!(hand_untrained.unwrap(), ["time.frequencies"]);
 }
 
+/// Each step says which way its gradients were computed.
+#[test]
+fn step_reports_say_which_path_ran() {
+    let sde = VpSde::default();
+    let vars = VarMap::new();
+    let m = model(&vars, sde, 2, Activation::Silu, DType::F64);
+    let paths = |objective: &Objective<'_, VpSde, MlpScore<VpSde>>| {
+        let mut trainer = Trainer::new(
+            &vars,
+            TrainConfig {
+                batch_size: 16,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut seen = Vec::new();
+        trainer
+            .fit(objective, &Checkerboard::default(), 2, |step| {
+                seen.push(step.hand_written)
+            })
+            .unwrap();
+        seen
+    };
+    let exact = Objective::new(&sde, &m).with_penalty(1e-2, exact_fpe()).unwrap();
+    assert_eq!(paths(&exact), [true, true]);
+    let paper = Objective::new(&sde, &m)
+        .with_penalty(1e-2, ScoreFpe::new())
+        .unwrap();
+    assert_eq!(paths(&paper), [false, false]);
+    assert_eq!(paths(&exact.with_hand_written_gradients(false)), [false, false]);
+}
+
 // ---------------------------------------------------------------------------------------
 // Potentials: MlpPotential under GradientScore, DSM and the log-density FP penalty
 // ---------------------------------------------------------------------------------------
