@@ -6,7 +6,9 @@
 # Needs the peers' venv: bash ../shared/peers/setup.sh --torch   (PEERS_VENV overrides it)
 #
 # Prints one row per program: workload, round, program, the workload's `value unit`, and
-# the peak resident set (`/usr/bin/time -v`'s maximum RSS, in MiB).
+# the peak resident set (`/usr/bin/time -v`'s maximum RSS, in MiB). `crate` is MlpScore's
+# hand-written training pass; `graph` the same training through candle's autodiff, as a
+# network of your own would train.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-1}
@@ -41,5 +43,7 @@ for r in $(seq 1 "$rounds"); do
     run "$w" "$r" jax "$python" "$peers/jax_ref.py" "$w"
     run "$w" "$r" pytorch "$python" "$peers/torch_ref.py" "$w"
     run "$w" "$r" crate "$crate" "$w"
+    # Training also through candle's graph: the speed of a network of your own.
+    [ "$w" = em ] || run "$w" "$r" graph "$crate" "$w" --graph
   done
 done

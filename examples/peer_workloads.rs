@@ -14,7 +14,10 @@
 //! Prints the peers' line (`name value unit`) and then `peak_rss_mb <v> MB` (the process's
 //! peak resident set, `VmHWM`). f32, 2 threads unless `RAYON_NUM_THREADS` says otherwise.
 //!
-//! Run: `cargo run --release --example peer_workloads -- dsm|fpe|em`
+//! With `--graph` after `dsm` or `fpe`, training goes through candle's autodiff graph, as a
+//! network of your own would, instead of `MlpScore`'s hand-written pass.
+//!
+//! Run: `cargo run --release --example peer_workloads -- dsm|fpe|em [--graph]`
 
 use std::time::Instant;
 
@@ -45,6 +48,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
     }
     let workload = std::env::args().nth(1).unwrap_or_default();
+    // `--graph`: train through candle's autodiff as a network of your own would, instead of
+    // MlpScore's hand-written pass (same work, same numbers to rounding).
+    let graph = match std::env::args().nth(2).as_deref() {
+        None => false,
+        Some("--graph") => true,
+        Some(other) => return Err(format!("unknown option {other:?}: expected --graph").into()),
+    };
     let device = Device::Cpu;
     let sde = VpSde::new(0.1, 20.0)?;
     let vars = VarMap::new();
@@ -64,6 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .with_time_derivative(TimeDerivative::Autodiff);
                 objective = objective.with_penalty(1e-3, residual)?;
             }
+            let objective = objective.with_hand_written_gradients(!graph);
             let mut trainer = Trainer::new(&vars, TrainConfig::default())?;
             let data = Checkerboard::default();
             trainer.fit(&objective, &data, WARMUP, |_| {})?;
