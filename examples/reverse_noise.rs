@@ -1,7 +1,8 @@
 //! Why noise in the reverse process helps, and when it does not (Cao et al., NeurIPS 2023).
 //!
-//! The exact score of a 2-D Gaussian mixture (`EightGaussians`) under VP, plus a known error `δ` on a time
-//! window ([`PulseError`]), sampled by the family `dx = [f − ½(1+λ²)g²s] dt + λg dw̄`
+//! The exact score of a 2-D Gaussian mixture (`EightGaussians`) under VP, plus a known
+//! error `δ` on a time window ([`PulseError`]), sampled by the family
+//! `dx = [f − ½(1+λ²)g²s] dt + λg dw̄`
 //! (Euler–Maruyama with `λ = 0`: the probability-flow ODE; `λ = 1`: the reverse SDE) from
 //! the same prior draws. Every distance to the data beyond the floor is the error's doing:
 //!
@@ -15,8 +16,9 @@
 //!     error=<none|early|late> lambda=<λ> w2_data=<exact W2 to fresh data samples> mean_shift=<x₁ mean error>
 //!
 //! and the floor (W2 from a few independent exact sample sets to the data samples); the
-//! samples of λ = 0, 1, 2 under both errors go to `out/reverse_noise.png`. `docs/theory.md` §2 has
-//! the closed form for Gaussian data; `tests/samplers.rs` checks the sampler against it.
+//! samples of λ = 0, 1, 2 under both errors go to `out/reverse_noise.png`.
+//! `docs/theory.md` §2 has the closed form for Gaussian data; `tests/samplers.rs` checks
+//! the sampler against it.
 //!
 //! Run: `cargo run --release --example reverse_noise` (about a minute on 2 cores).
 
