@@ -70,16 +70,33 @@ impl<M> PulseError<M> {
     }
 
     /// The unperturbed model.
+    ///
+    /// ```
+    /// use scoresde::score::{Covariance, GaussianMixture, PulseError};
+    /// use scoresde::sde::VpSde;
+    /// let data = GaussianMixture::new(vec![1.0], vec![vec![0.0]], vec![Covariance::Isotropic(1.0)])?;
+    /// let pulse = PulseError::new(data.diffused(VpSde::default()), 0.5, 0.7, vec![1.0])?;
+    /// assert_eq!(pulse.inner().mixture().dim(), 1);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
     pub fn inner(&self) -> &M {
         &self.inner
     }
 
-    /// The window `(from, to)`.
+    /// The window `(from, to)` (see [`PulseError::new`]).
     pub fn window(&self) -> (f64, f64) {
         (self.from, self.to)
     }
 
     /// The error `δ` added inside the window.
+    ///
+    /// ```
+    /// use candle_core::Tensor;
+    /// use scoresde::score::PulseError;
+    /// let zero = |x: &Tensor, _t: &Tensor| -> scoresde::Result<Tensor> { Ok(x.zeros_like()?) };
+    /// assert_eq!(PulseError::new(zero, 0.0, 0.1, vec![2.0, 0.0])?.shift(), [2.0, 0.0]);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
     pub fn shift(&self) -> &[f64] {
         &self.shift
     }
