@@ -256,13 +256,23 @@ pub fn divergence_exact(y: &Tensor, x: &Tensor) -> Result<Tensor> {
     if d == 0 {
         return Ok(Tensor::zeros(b, y.dtype(), y.device())?);
     }
-    let y_flat = y.reshape((b, d))?;
-    let mut diagonal = Vec::with_capacity(d);
-    for i in 0..d {
-        let g = grad_unguarded(&y_flat.narrow(1, i, 1)?, x)?.reshape((b, d))?;
-        diagonal.push(g.narrow(1, i, 1)?);
-    }
+    let rows = coordinate_grads("divergence_exact", &y.reshape((b, d))?, [x])?;
+    let diagonal = (0..d)
+        .map(|i| Ok(rows[i][0].reshape((b, d))?.narrow(1, i, 1)?))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&diagonal, 1)?.sum(1)?)
+}
+
+/// One backward pass per coordinate `yᵢ` of `y_flat` (`[B, d]`): the gradients of
+/// `Σ_b y_{b,i}` with respect to each leaf, keeping the graph (no guard: callers check).
+fn coordinate_grads<const N: usize>(
+    func: &str,
+    y_flat: &Tensor,
+    leaves: [&Tensor; N],
+) -> Result<Vec<[Tensor; N]>> {
+    (0..y_flat.dim(1)?)
+        .map(|i| checked_grads(func, &y_flat.narrow(1, i, 1)?, leaves))
+        .collect()
 }
 
 /// The distribution of a Hutchinson probe vector: both have mean zero and identity
@@ -481,12 +491,11 @@ pub fn time_derivative_autodiff<M: ScoreModel + ?Sized>(model: &M, x: &Tensor, t
     if d == 0 {
         return Ok(s.zeros_like()?);
     }
-    let s_flat = s.reshape((b, d))?;
-    let mut columns = Vec::with_capacity(d);
-    for i in 0..d {
-        let g = grad_unguarded(&s_flat.narrow(1, i, 1)?, &t_leaf)?;
-        columns.push(g.reshape((b, 1))?);
-    }
+    let rows = coordinate_grads("time_derivative_autodiff", &s.reshape((b, d))?, [&t_leaf])?;
+    let columns = rows
+        .iter()
+        .map(|[g]| Ok(g.reshape((b, 1))?))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&columns, 1)?.reshape(x.shape())?)
 }
 
@@ -507,11 +516,10 @@ pub(crate) fn divergence_and_time_derivative(s: &Tensor, x: &Tensor, t: &Tensor)
             s.reshape((b, d))?.zeros_like()?,
         ));
     }
-    let s_flat = s.reshape((b, d))?;
+    let rows = coordinate_grads("divergence_and_time_derivative", &s.reshape((b, d))?, [x, t])?;
     let mut diagonal = Vec::with_capacity(d);
     let mut columns = Vec::with_capacity(d);
-    for i in 0..d {
-        let [gx, gt] = grads_unguarded(&s_flat.narrow(1, i, 1)?, [x, t])?;
+    for (i, [gx, gt]) in rows.iter().enumerate() {
         diagonal.push(gx.reshape((b, d))?.narrow(1, i, 1)?);
         columns.push(gt.reshape((b, 1))?);
     }
