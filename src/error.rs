@@ -56,6 +56,11 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
+    /// A data file that cannot be used: missing, malformed or truncated (the message names
+    /// the file and says how to get a good one).
+    #[error("data: {0}")]
+    Data(String),
+
     /// An I/O error (checkpoints, images).
     #[error(transparent)]
     Io(#[from] std::io::Error),

@@ -125,11 +125,11 @@ pub use score::{GradientScore, LogDensityModel, ScoreModel};
 /// assert_eq!(sde.end_time(), 1.0);
 /// ```
 pub mod prelude {
-    pub use crate::data::{Checkerboard, Dataset, Empirical};
+    pub use crate::data::{Checkerboard, Dataset, Empirical, ImageDataset};
     pub use crate::loss::{Dsm, Weighting};
     pub use crate::score::{
         Activation, Covariance, GaussianMixture, GradientScore, LogDensityModel, MlpConfig, MlpPotential,
-        MlpScore, PotentialConfig, ScoreModel,
+        MlpScore, PotentialConfig, ScoreModel, UNetConfig, UNetScore,
     };
     pub use crate::sde::{OuSde, Sde, SubVpSde, VeSde, VpSde};
     pub use crate::solver::{

@@ -121,7 +121,12 @@ fn exp_limit(dtype: DType) -> f64 {
 
 /// A parameter from the builder; if the builder does not have it yet, it is created and
 /// filled with `values` (drawn by the caller from a seeded RNG).
-fn seeded_parameter(vb: &VarBuilder, shape: &[usize], name: &str, values: Vec<f64>) -> Result<Tensor> {
+pub(super) fn seeded_parameter(
+    vb: &VarBuilder,
+    shape: &[usize],
+    name: &str,
+    values: Vec<f64>,
+) -> Result<Tensor> {
     let fresh = !vb.contains_tensor(name);
     let tensor = vb.get_with_hints(shape, name, Init::Const(0.0))?;
     if fresh {
@@ -134,7 +139,12 @@ fn seeded_parameter(vb: &VarBuilder, shape: &[usize], name: &str, values: Vec<f6
 
 /// A linear layer `y = xWᵀ + b` initialized as PyTorch's `nn.Linear`:
 /// `W, b ~ U(−1/√fan_in, 1/√fan_in)`.
-fn seeded_linear(vb: VarBuilder, fan_in: usize, fan_out: usize, rng: &mut StdRng) -> Result<Linear> {
+pub(super) fn seeded_linear(
+    vb: VarBuilder,
+    fan_in: usize,
+    fan_out: usize,
+    rng: &mut StdRng,
+) -> Result<Linear> {
     let bound = 1.0 / (fan_in as f64).sqrt();
     let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
     let weight_values = draw(fan_in * fan_out);

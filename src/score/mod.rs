@@ -104,6 +104,8 @@ pub trait LogDensityModel {
 mod mixture;
 mod mlp;
 mod pulse;
+mod unet;
 pub use mixture::{Covariance, DiffusedMixture, GaussianMixture};
 pub use mlp::{Activation, FourierFeatures, MlpConfig, MlpPotential, MlpScore, PotentialConfig};
 pub use pulse::PulseError;
+pub use unet::{UNetConfig, UNetScore};

@@ -14,6 +14,7 @@
 //! | [`Blob`] | 9 Gaussians on a cross-and-corners grid | "blob" of Deveney et al. |
 //! | [`GaussianMixture`] | any Gaussian mixture (exact scores too) | |
 //! | [`Empirical`] | rows drawn at random from a tensor of your data | |
+//! | [`ImageDataset`] | 8-bit images from IDX files (Fashion-MNIST), scaled to `[−1, 1]` | |
 //! | closures | `Fn(usize, &mut dyn RngCore) -> Result<Tensor>` | |
 //!
 //! The toy sets return `f64` tensors on the CPU; the trainer converts each batch to the
@@ -38,6 +39,9 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::error::{ensure, ensure_positive};
 use crate::score::{Covariance, GaussianMixture};
 use crate::{Error, Result};
+
+mod images;
+pub use images::{IdxArray, ImageDataset, Split, FASHION_MNIST_DIR};
 
 /// A distribution to draw training batches from.
 ///
