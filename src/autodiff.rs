@@ -576,6 +576,15 @@ pub fn time_derivative_fd<M: ScoreModel + ?Sized>(
         .map(|&ti| if ti > 0.0 && ti < 2.0 * hs { ti / 2.0 } else { hs })
         .collect();
     let s_forward = model.score(x, &(t + hd)?)?;
+    if hs == hd && backward_steps.iter().all(|&h| h == hs) {
+        // Equal steps: the central difference, whose centre coefficient is zero, so the
+        // evaluation at t (and its share of every backward pass) is skipped.
+        let s_backward = model.score(x, &(t - hs)?)?;
+        for s in [&s_forward, &s_backward] {
+            check_score_shape("time_derivative_fd", s, x)?;
+        }
+        return Ok(((s_forward - s_backward)? * (0.5 / hs))?);
+    }
     let s_center = model.score(x, t)?;
     if backward_steps.iter().all(|&h| h == hs) {
         let s_backward = model.score(x, &(t - hs)?)?;

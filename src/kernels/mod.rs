@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use crate::{Error, Result};
 
+pub(crate) mod channels;
 pub(crate) mod conv;
 pub(crate) mod training;
 

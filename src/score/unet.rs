@@ -7,6 +7,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use super::mlp::{seeded_linear, seeded_parameter, FourierFeatures};
 use super::ScoreModel;
 use crate::error::{ensure, ensure_positive};
+use crate::kernels::channels;
 use crate::kernels::conv::conv2d;
 use crate::sde::Sde;
 use crate::{Error, Result};
@@ -102,7 +103,7 @@ impl UNetConfig {
     }
 }
 
-/// A convolution with a square kernel on channels-first activations `[C, B, H, W]`.
+/// A convolution with a square kernel on `[B, C, H, W]` activations.
 #[derive(Debug, Clone)]
 struct Conv {
     weight: Tensor,
@@ -146,7 +147,7 @@ impl Conv {
     }
 }
 
-/// GroupNorm (ε = 1e-5, learned affine) on `[C, B, H, W]`, from plain differentiable ops.
+/// GroupNorm (ε = 1e-5, learned affine) on `[B, C, H, W]`, from differentiable ops.
 #[derive(Debug, Clone)]
 struct GroupNorm {
     weight: Tensor,
@@ -164,17 +165,18 @@ impl GroupNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (c, b, h, w) = x.dims4()?;
-        let grouped = x.reshape((self.groups, c / self.groups, b, h * w))?;
-        let mean = grouped.mean_keepdim(3)?.mean_keepdim(1)?;
-        let centered = grouped.broadcast_sub(&mean)?;
-        let variance = centered.sqr()?.mean_keepdim(3)?.mean_keepdim(1)?;
+        let (b, c, h, w) = x.dims4()?;
+        // Each (image, group) is one contiguous row.
+        let grouped = x.reshape((b * self.groups, (c / self.groups) * h * w))?;
+        let centered = grouped.broadcast_sub(&grouped.mean_keepdim(1)?)?;
+        let variance = centered.sqr()?.mean_keepdim(1)?;
         let normed = centered
             .broadcast_div(&(variance + 1e-5)?.sqrt()?)?
-            .reshape((c, b, h, w))?;
-        Ok(normed
-            .broadcast_mul(&self.weight.reshape((c, 1, 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((c, 1, 1, 1))?)?)
+            .reshape((b, c, h, w))?;
+        Ok(channels::add_bias(
+            &channels::scale(&normed, &self.weight)?,
+            &self.bias,
+        )?)
     }
 }
 
@@ -213,11 +215,10 @@ impl ResBlock {
         })
     }
 
-    /// `x: [C, B, H, W]`, `e: [B, E]`.
+    /// `x: [B, C, H, W]`, `e: [B, E]`.
     fn forward(&self, x: &Tensor, e: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
-        let time = self.time.forward(e)?.t()?; // [C', B]
-        let h = h.broadcast_add(&time.unsqueeze(2)?.unsqueeze(3)?)?;
+        let h = h.broadcast_add(&self.time.forward(e)?.unsqueeze(2)?.unsqueeze(3)?)?;
         let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.skip {
             Some(conv) => conv.forward(x)?,
@@ -227,14 +228,14 @@ impl ResBlock {
     }
 }
 
-/// Nearest-neighbour upsampling by 2 on `[C, B, H, W]`, as a broadcast (whose backward is
+/// Nearest-neighbour upsampling by 2 on `[B, C, H, W]`, as a broadcast (whose backward is
 /// a sum, differentiable to any order; candle's `upsample_nearest2d` backward is a grouped
 /// convolution that overwrites the gradient of its input).
 fn upsample2(x: &Tensor) -> Result<Tensor> {
-    let (c, b, h, w) = x.dims4()?;
-    Ok(x.reshape((c, b, h, 1, w, 1))?
-        .broadcast_as((c, b, h, 2, w, 2))?
-        .reshape((c, b, 2 * h, 2 * w))?)
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))?)
 }
 
 /// A U-Net score model for images: `s(x, t) = UNet(x, t)/σ(t)`, the reference image
@@ -247,8 +248,9 @@ fn upsample2(x: &Tensor) -> Result<Tensor> {
 /// initialized from `config.seed` like PyTorch's defaults; every op is differentiable to
 /// the order the Fokker–Planck penalties need (no fused layer-norm or softmax).
 ///
-/// Convolutions run as one matrix product over the whole batch (im2col, whose backward is
-/// its exact adjoint), on channels-first activations: see `docs/design.md`.
+/// Convolutions, per-channel scales and biases run as fused ops whose backward passes are
+/// again such ops (see `docs/design.md`), so training and the penalties' higher
+/// derivatives do not go through candle's slow CPU convolution backward.
 ///
 /// Variables: `time.frequencies` (fixed), `time_mlp.{0,1}`, `conv_in`,
 /// `down.{level}.{block}` and `up.{level}.{block}` (residual blocks: `norm1`, `conv1`,
@@ -403,8 +405,7 @@ impl<S: Sde> ScoreModel for UNetScore<S> {
         let dtype = self.conv_in.weight.dtype();
         let (x, t) = (x.to_dtype(dtype)?, t.to_dtype(dtype)?);
         let e = self.time_mlp[1].forward(&silu(&self.time_mlp[0].forward(&self.time.forward(&t)?)?)?)?;
-        // Channels first inside the network (see `kernels::conv`).
-        let mut h = self.conv_in.forward(&x.transpose(0, 1)?.contiguous()?)?;
+        let mut h = self.conv_in.forward(&x)?;
         let mut skips = Vec::new();
         for (level, blocks) in self.down.iter().enumerate() {
             for block in blocks {
@@ -422,7 +423,7 @@ impl<S: Sde> ScoreModel for UNetScore<S> {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::Shape("UNetScore: unbalanced skips".into()))?;
-                h = block.forward(&Tensor::cat(&[&h, &skip], 0)?, &e)?;
+                h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &e)?;
             }
             if let Some(up) = upsample.next() {
                 h = up.forward(&upsample2(&h)?)?;
@@ -430,6 +431,6 @@ impl<S: Sde> ScoreModel for UNetScore<S> {
         }
         let out = self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)?;
         let sigma = self.sde.std_tensor(&t)?.reshape((x.dim(0)?, 1, 1, 1))?;
-        Ok(out.transpose(0, 1)?.broadcast_div(&sigma)?)
+        Ok(out.broadcast_div(&sigma)?)
     }
 }
