@@ -286,3 +286,44 @@ fn bad_configurations_and_inputs_are_errors() {
     let pixels = Tensor::zeros((1, 1, 4, 4), DType::U8, &Device::Cpu).unwrap();
     assert!(matches!(model.score(&pixels, &t), Err(Error::Shape(_))));
 }
+
+/// The image paths of the samplers and the likelihood: `[B, C, H, W]` in and out, finite.
+#[test]
+fn samplers_and_likelihood_take_images() {
+    use scoresde::likelihood::{Dequantization, Likelihood};
+    use scoresde::solver::{OdeSampler, PredictorCorrector, Rk45, Sampler};
+    let model = tiny_model(&VarMap::new());
+    let sde = VpSde::default();
+    let mut rng = StdRng::seed_from_u64(12);
+    let noise =
+        scoresde::sde::Sde::sample_prior(&sde, (3, 1, 4, 4), DType::F64, &Device::Cpu, &mut rng).unwrap();
+    let em = PredictorCorrector::euler_maruyama(20)
+        .sample(&sde, &model, &noise, &mut rng)
+        .unwrap();
+    let ode = OdeSampler::new(Rk45::new(1e-4, 1e-4).unwrap())
+        .sample(&sde, &model, &noise, &mut rng)
+        .unwrap();
+    for x in [&em.x, &ode.x] {
+        assert_eq!(x.dims(), [3, 1, 4, 4]);
+        assert!(values(x).iter().all(|v| v.is_finite()));
+    }
+    let pixels = Tensor::from_vec(
+        (0..48).map(|i| (i * 5 % 256) as f64 / 255.0).collect::<Vec<_>>(),
+        (3, 1, 4, 4),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let estimate = Likelihood::new()
+        .with_divergence(Divergence::Hutchinson {
+            probe: Probe::Rademacher,
+            probes: 1,
+        })
+        .unwrap()
+        .with_dequantization(Dequantization::eight_bit().centered())
+        .evaluate(&sde, &model, &pixels, &mut rng)
+        .unwrap();
+    assert_eq!(estimate.bits_per_dim.dims(), [3]);
+    assert!(values(&estimate.bits_per_dim)
+        .iter()
+        .all(|v| v.is_finite() && *v > 0.0));
+}

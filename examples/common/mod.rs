@@ -45,27 +45,80 @@ pub fn fit_with_progress<S: Sde, M: ScoreModel, D: Dataset + ?Sized>(
     Ok(report)
 }
 
-/// `--key value` pairs from the command line.
+/// Trains until the trainer has taken `total` steps (it may start part-way, from a
+/// checkpoint), with one progress bar (loss, steps/s), saving a checkpoint to `path` every
+/// `every` steps and at the end, so an interrupted run resumes exactly.
+pub fn fit_with_checkpoints<S: Sde, M: ScoreModel, D: Dataset + ?Sized>(
+    label: &str,
+    trainer: &mut Trainer,
+    objective: &Objective<'_, S, M>,
+    data: &D,
+    total: usize,
+    every: usize,
+    path: &std::path::Path,
+) -> BoxResult<()> {
+    let bar = ProgressBar::new(total as u64).with_style(ProgressStyle::with_template(
+        "{prefix:9} {elapsed_precise} [{bar:40}] {pos}/{len} steps, {per_sec} {msg}",
+    )?);
+    bar.set_prefix(label.to_string());
+    bar.set_position(trainer.step_count().min(total) as u64);
+    bar.reset_eta();
+    while trainer.step_count() < total {
+        let chunk = every.max(1).min(total - trainer.step_count());
+        trainer.fit(objective, data, chunk, |step| {
+            bar.inc(1);
+            if step.step % 10 == 0 {
+                let penalties: String = step
+                    .penalties
+                    .iter()
+                    .map(|p| format!(" penalty {p:.3e}"))
+                    .collect();
+                bar.set_message(format!("dsm {:.4}{penalties}", step.dsm));
+            }
+        })?;
+        trainer.save_checkpoint(path)?;
+    }
+    bar.finish_and_clear();
+    if total == 0 || !path.exists() {
+        trainer.save_checkpoint(path)?;
+    }
+    Ok(())
+}
+
+/// `--key value` pairs and `--flag`s from the command line.
 pub struct Options {
     values: HashMap<String, String>,
+    flags: Vec<String>,
 }
 
 impl Options {
     /// Reads the command line; every option must be one of `known` and have a value.
     pub fn parse(known: &[&str]) -> BoxResult<Self> {
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let mut values = HashMap::new();
-        for pair in args.chunks(2) {
-            let key = pair[0].trim_start_matches("--");
-            if !pair[0].starts_with("--") || !known.contains(&key) {
-                return Err(format!("unknown option {}; known: --{}", pair[0], known.join(", --")).into());
+        Self::parse_with_flags(known, &[])
+    }
+
+    /// Reads the command line: options in `known` take a value, those in `flags` do not.
+    pub fn parse_with_flags(known: &[&str], flags: &[&str]) -> BoxResult<Self> {
+        let mut args = std::env::args().skip(1);
+        let (mut values, mut set) = (HashMap::new(), Vec::new());
+        while let Some(arg) = args.next() {
+            let key = arg.trim_start_matches("--");
+            if arg.starts_with("--") && flags.contains(&key) {
+                set.push(key.to_string());
+            } else if arg.starts_with("--") && known.contains(&key) {
+                let value = args.next().ok_or_else(|| format!("option {arg} needs a value"))?;
+                values.insert(key.to_string(), value);
+            } else {
+                let all: Vec<&str> = known.iter().chain(flags).copied().collect();
+                return Err(format!("unknown option {arg}; known: --{}", all.join(", --")).into());
             }
-            let value = pair
-                .get(1)
-                .ok_or_else(|| format!("option {} needs a value", pair[0]))?;
-            values.insert(key.to_string(), value.clone());
         }
-        Ok(Self { values })
+        Ok(Self { values, flags: set })
+    }
+
+    /// Whether the flag `--key` was given.
+    pub fn flag(&self, key: &str) -> bool {
+        self.flags.iter().any(|f| f == key)
     }
 
     /// The option's value, or `default` when it was not given.

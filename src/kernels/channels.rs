@@ -215,6 +215,87 @@ impl CustomOp1 for ChannelSum {
     }
 }
 
+/// GroupNorm without its affine part: each (image, group) row of `x: [B, C, …]` centred
+/// and divided by `√(var + eps)`.
+///
+/// The forward pass is one op (candle ops take seven); its backward,
+/// `x̄ = (ḡ − mean ḡ − x̂·mean(ḡ x̂))/σ` per row, is written in plain candle ops so that the
+/// Fokker–Planck penalties can differentiate it again.
+pub(crate) fn group_normalize(x: &Tensor, groups: usize, eps: f64) -> candle_core::Result<Tensor> {
+    if fast(x) {
+        x.contiguous()?.apply_op1(GroupNormalize { groups, eps })
+    } else {
+        let (rows, n) = group_rows(x, groups)?;
+        let grouped = x.reshape((rows, n))?;
+        let centered = grouped.broadcast_sub(&grouped.mean_keepdim(1)?)?;
+        let std = (centered.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?;
+        centered.broadcast_div(&std)?.reshape(x.shape())
+    }
+}
+
+/// `(B·G, C/G·H·W)`: the rows GroupNorm normalizes.
+fn group_rows(x: &Tensor, groups: usize) -> candle_core::Result<(usize, usize)> {
+    let dims = x.dims();
+    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+        candle_core::bail!("group norm: {groups} groups do not divide the channels of {dims:?}");
+    }
+    Ok((dims[0] * groups, x.elem_count() / (dims[0] * groups)))
+}
+
+struct GroupNormalize {
+    groups: usize,
+    eps: f64,
+}
+
+impl CustomOp1 for GroupNormalize {
+    fn name(&self) -> &'static str {
+        "group-normalize"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn normalize<T: Real>(x: &[T], n: usize, eps: f64) -> Vec<T> {
+            let mut out = x.to_vec();
+            let eps = T::from(eps).unwrap_or_else(T::zero);
+            let count = T::from(n).unwrap_or_else(T::one);
+            out.par_chunks_mut(n.max(1)).for_each(|row| {
+                let mean = row.iter().fold(T::zero(), |a, &v| a + v) / count;
+                let var = row.iter().fold(T::zero(), |a, &v| a + (v - mean) * (v - mean)) / count;
+                let inv = T::one() / (var + eps).sqrt();
+                row.iter_mut().for_each(|v| *v = (*v - mean) * inv);
+            });
+            out
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(candle_core::Error::RequiresContiguous { op: self.name() });
+        };
+        let dims = layout.shape().dims();
+        if dims.len() < 2 || dims[1] % self.groups != 0 {
+            candle_core::bail!(
+                "group norm: {} groups do not divide the channels of {dims:?}",
+                self.groups
+            );
+        }
+        let n = layout.shape().elem_count() / (dims[0] * self.groups).max(1);
+        let out = match storage {
+            CpuStorage::F32(x) => CpuStorage::F32(normalize(&x[start..end], n, self.eps)),
+            CpuStorage::F64(x) => CpuStorage::F64(normalize(&x[start..end], n, self.eps)),
+            other => candle_core::bail!("group norm: needs f32 or f64, got {:?}", other.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, normed: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (rows, n) = group_rows(x, self.groups)?;
+        let xr = x.reshape((rows, n))?;
+        let centered = xr.broadcast_sub(&xr.mean_keepdim(1)?)?;
+        let std = (centered.sqr()?.mean_keepdim(1)? + self.eps)?.sqrt()?;
+        let (g, xh) = (grad.reshape((rows, n))?, normed.reshape((rows, n))?);
+        let projection = xh.broadcast_mul(&(&g * &xh)?.mean_keepdim(1)?)?;
+        let x_bar = (g.broadcast_sub(&g.mean_keepdim(1)?)? - projection)?.broadcast_div(&std)?;
+        Ok(Some(x_bar.reshape(x.shape())?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +347,34 @@ mod tests {
             let (a, c) = (g1.get(var.as_tensor()).unwrap(), g2.get(var.as_tensor()).unwrap());
             assert!(max_gap(a, c) < 1e-12, "{a} vs {c}");
         }
+    }
+
+    /// The fused GroupNorm against the plain-op one (its fallback), through second order.
+    #[test]
+    fn group_normalize_agrees_with_plain_ops_to_second_order() {
+        let x = Var::from_tensor(&(ramp(&[2, 4, 3, 3]) * 3.0).unwrap()).unwrap();
+        let q = ramp(&[2, 4, 3, 3]);
+        let plain = |x: &Tensor| {
+            let grouped = x.reshape((4, 18)).unwrap();
+            let centered = grouped.broadcast_sub(&grouped.mean_keepdim(1).unwrap()).unwrap();
+            let std = (centered.sqr().unwrap().mean_keepdim(1).unwrap() + 1e-5)
+                .unwrap()
+                .sqrt()
+                .unwrap();
+            centered.broadcast_div(&std).unwrap().reshape(x.shape()).unwrap()
+        };
+        let fused = |x: &Tensor| group_normalize(x, 2, 1e-5).unwrap();
+        let h = |g: &dyn Fn(&Tensor) -> Tensor| {
+            let f = (g(x.as_tensor()).sin().unwrap() * &q).unwrap().sum_all().unwrap();
+            let gx = f.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            (g(x.as_tensor()), gx.clone(), gx.sqr().unwrap().sum_all().unwrap())
+        };
+        let (y1, gx1, h1) = h(&fused);
+        let (y2, gx2, h2) = h(&plain);
+        assert!(max_gap(&y1, &y2) < 1e-12);
+        assert!(max_gap(&gx1, &gx2) < 1e-10);
+        let (a, b) = (h1.backward().unwrap(), h2.backward().unwrap());
+        let (a, b) = (a.get(x.as_tensor()).unwrap(), b.get(x.as_tensor()).unwrap());
+        assert!(max_gap(a, b) < 1e-9, "{a} vs {b}");
     }
 }

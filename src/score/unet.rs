@@ -147,7 +147,7 @@ impl Conv {
     }
 }
 
-/// GroupNorm (ε = 1e-5, learned affine) on `[B, C, H, W]`, from differentiable ops.
+/// GroupNorm (ε = 1e-5, learned affine) on `[B, C, H, W]`, differentiable to any order.
 #[derive(Debug, Clone)]
 struct GroupNorm {
     weight: Tensor,
@@ -165,14 +165,7 @@ impl GroupNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        // Each (image, group) is one contiguous row.
-        let grouped = x.reshape((b * self.groups, (c / self.groups) * h * w))?;
-        let centered = grouped.broadcast_sub(&grouped.mean_keepdim(1)?)?;
-        let variance = centered.sqr()?.mean_keepdim(1)?;
-        let normed = centered
-            .broadcast_div(&(variance + 1e-5)?.sqrt()?)?
-            .reshape((b, c, h, w))?;
+        let normed = channels::group_normalize(x, self.groups, 1e-5)?;
         Ok(channels::add_bias(
             &channels::scale(&normed, &self.weight)?,
             &self.bias,
