@@ -689,3 +689,39 @@ fn adaptive_sde_converges_in_its_tolerance_and_the_shared_noise_error_does_not()
     );
     assert!(shared > 0.3, "shared-noise error estimate: {shared:.3}");
 }
+
+/// The observed orders in `docs/theory.md` §9:
+/// `cargo test --test few_step print_orders -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn print_orders() {
+    let steps = [40, 80, 160, 320, 640];
+    let euler = [320, 640, 1280, 2560, 5120];
+    let e_vp = errors(VpSde::default(), &euler, |n| OdeSampler::new(Euler::new(n)));
+    let e_ve = errors(ve(), &euler, |n| OdeSampler::new(Euler::new(n)));
+    println!(
+        "euler: VP {:.2} VE {:.2}",
+        observed_order(&euler, &e_vp),
+        observed_order(&euler, &e_ve)
+    );
+    for method in [
+        Method::DpmPp2M,
+        Method::DpmPp3M,
+        Method::DpmSolver2,
+        Method::DpmSolver3,
+        Method::UniPc { order: 1 },
+        Method::UniPc { order: 2 },
+        Method::UniPc { order: 3 },
+        Method::EdmHeun(Churn::default()),
+    ] {
+        let e_vp = errors(VpSde::default(), &steps, |n| FewStep::new(method, n).unwrap());
+        let e_ve = errors(ve(), &steps, |n| FewStep::new(method, n).unwrap());
+        println!(
+            "{}: VP {:.2} VE {:.2} (errors VP {:?})",
+            method.name(),
+            observed_order(&steps, &e_vp),
+            observed_order(&steps, &e_ve),
+            e_vp.iter().map(|e| format!("{e:.1e}")).collect::<Vec<_>>()
+        );
+    }
+}
