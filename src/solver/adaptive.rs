@@ -195,6 +195,8 @@ impl<S: Sde> Sampler<S> for AdaptiveSde {
         // when `z` is None).
         let increment = |x: &Tensor, t: &Tensor, h: &[f64], z: Option<&Tensor>| -> Result<Tensor> {
             let score = model.score(x, t)?;
+            // Caught here, or a NaN error would only shrink the step until it underflows.
+            ensure_finite(&score, || "the score is not finite".into())?;
             let g = per_sample(&sde.diffusion_tensor(t)?, x)?;
             let a = per_sample(&sde.drift_coeff_tensor(t)?, x)?;
             let hs = per_sample(&vec_t(h)?, x)?;
