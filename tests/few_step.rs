@@ -727,3 +727,47 @@ fn print_orders() {
         );
     }
 }
+
+#[test]
+fn every_method_and_spacing_runs_in_f32_and_reports_its_nfe() {
+    let sde = SubVpSde::default();
+    let exact = mixture().diffused(sde);
+    let mut rng = StdRng::seed_from_u64(4);
+    let x_t = sde
+        .sample_prior((500, 2), DType::F32, &Device::Cpu, &mut rng)
+        .unwrap();
+    let truth = exact
+        .sample(500, 1e-3, DType::F64, &Device::Cpu, &mut rng)
+        .unwrap();
+    let methods = [
+        Method::DpmPp2M,
+        Method::DpmPp3M,
+        Method::SdeDpmPp2M,
+        Method::DpmSolver2,
+        Method::DpmSolver3,
+        Method::UniPc { order: 3 },
+        Method::EdmHeun(Churn::new(5.0, 0.05, 50.0, 1.003).unwrap()),
+    ];
+    for method in methods {
+        for spacing in [
+            Spacing::LogSnr,
+            Spacing::Karras(7.0),
+            Spacing::Quadratic,
+            Spacing::Time,
+        ] {
+            let sampler = FewStep::new(method, 30).unwrap().with_spacing(spacing);
+            let out = sampler.sample(&sde, &exact, &x_t, &mut rng).unwrap();
+            assert_eq!(out.x.dtype(), DType::F32);
+            assert_eq!(out.stats.nfe, method.nfe(30));
+            // Sub-VP (bisection inverse) and every grid: the right distribution, loosely
+            // (500 points: the floor is about 2e-2).
+            let f = frechet_distance(&out.x.to_dtype(DType::F64).unwrap(), &truth).unwrap();
+            assert!(f < 0.1, "{method:?} {spacing:?}: Fréchet {f}");
+        }
+    }
+    let out = AdaptiveSde::new(0.01, 0.01)
+        .unwrap()
+        .sample(&sde, &exact, &x_t, &mut rng)
+        .unwrap();
+    assert_eq!(out.x.dtype(), DType::F32);
+}
