@@ -215,8 +215,9 @@ where
 /// Adaptive Dormand–Prince 5(4) with first-same-as-last, as scipy's `solve_ivp(method="RK45")`.
 ///
 /// The error of a step is `RMS(err / (atol + rtol·max(|y|, |y_new|)))` over every element
-/// of the state (the whole batch, as score_sde's ODE sampler does); a step is accepted
-/// when it is below 1. The first step is chosen by scipy's `select_initial_step`. A step
+/// of the state (the whole batch, as score_sde's ODE sampler does; see
+/// [`Rk45::with_per_sample_error`] for a per-sample bound); a step is accepted when it is
+/// below 1. [`Rk45::with_max_nfe`] caps the evaluations. The first step is chosen by scipy's `select_initial_step`. A step
 /// below ten units in the last place of `t` fails with
 /// [`Error::StepSizeUnderflow`].
 ///
