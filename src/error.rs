@@ -35,6 +35,15 @@ pub enum Error {
         step: f64,
     },
 
+    /// An adaptive solver used its whole evaluation budget before reaching its end time.
+    #[error("evaluation budget of {budget} score/vector-field evaluations used up at t = {t} before reaching the end time; raise it (`with_max_nfe`), loosen the tolerances, or check the score for blow-ups")]
+    EvaluationBudget {
+        /// The budget (`max_nfe`).
+        budget: usize,
+        /// The time (the latest, for per-sample solvers) the solver had reached.
+        t: f64,
+    },
+
     /// candle's second-order gradients are not live on this thread.
     #[error("second-order gradients are not available on this thread: candle detaches gradient graphs unless the environment variable CANDLE_GRAD_DO_NOT_DETACH=1 is set before the thread first runs backprop. Set it in your shell, in `.cargo/config.toml` under [env], or with `std::env::set_var` at the very start of `main` before any thread is spawned")]
     HigherOrderGradientsUnavailable,

@@ -133,8 +133,8 @@ pub mod prelude {
     };
     pub use crate::sde::{OuSde, Sde, SubVpSde, VeSde, VpSde};
     pub use crate::solver::{
-        Ancestral, Euler, EulerMaruyama, Heun, Langevin, OdeSampler, OdeSolver, PredictorCorrector,
-        ReverseDiffusion, Rk45, Sampler, TimeGrid,
+        AdaptiveSde, Ancestral, Churn, Euler, EulerMaruyama, FewStep, Heun, Langevin, Method, OdeSampler,
+        OdeSolver, PredictorCorrector, ReverseDiffusion, Rk45, Sampler, Spacing, TimeGrid,
     };
     pub use crate::train::{Objective, TrainConfig, Trainer};
     pub use crate::Error;

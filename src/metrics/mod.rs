@@ -7,6 +7,7 @@
 //! | [`sliced_w2`] | mean over random directions of the 1-D W2² (sort and match), then √ | `O(k·n log n)` |
 //! | [`mmd2_unbiased`] | unbiased MMD² with a Gaussian kernel | `O(n²)` |
 //! | [`energy_distance`] | `2E‖X−Y‖ − E‖X−X'‖ − E‖Y−Y'‖` | `O(n²)` |
+//! | [`frechet_distance`] | squared Fréchet distance between moment-matched Gaussians (FID's formula) | `O(n·d² + d³)` |
 //! | [`histogram_w2`] | exact W2 between the [`Histogram`]s of two sets on a [`Grid`] (Deveney et al.) | binning `O(n)`, then network simplex on the occupied cells |
 //!
 //! [`GapReport`] puts them to work: ODE and SDE samples of one model from the same prior
@@ -28,10 +29,12 @@
 //! ```
 
 mod assignment;
+mod frechet;
 mod gap;
 mod histogram;
 mod transport;
 
+pub use frechet::{frechet_distance, frechet_gaussians};
 pub use gap::{mean_penalty, Gap, GapReport};
 pub use histogram::{histogram_w2, Grid, Histogram};
 

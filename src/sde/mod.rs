@@ -62,6 +62,89 @@ pub trait Sde {
     /// `σ(t)` elementwise on a tensor of times, differentiable in `t`.
     fn std_tensor(&self, t: &Tensor) -> Result<Tensor>;
 
+    /// The log signal-to-noise ratio `λ(t) = log(α(t)/σ(t))`, the time variable of the
+    /// exponential-integrator samplers (DPM-Solver, UniPC). It decreases from `+∞` (or a
+    /// finite value if `σ(0) > 0`, as for VE) at `t = 0` to `λ(T)`.
+    ///
+    /// ```
+    /// use scoresde::sde::{Sde, VeSde};
+    /// let sde = VeSde::new(0.01, 50.0)?;
+    /// assert!((sde.log_snr(1.0) + 50f64.ln()).abs() < 1e-12); // α = 1: λ = −log σ
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn log_snr(&self, t: f64) -> f64 {
+        self.mean_coeff(t).ln() - self.std(t).ln()
+    }
+
+    /// The time `t ∈ [0, T]` with `λ(t) = lambda`: the inverse of [`Sde::log_snr`].
+    ///
+    /// The default is a bisection on `[0, T]` (λ is monotone for every SDE here), exact
+    /// to a few ulps of `T`; VP and VE override it with closed forms. Errors when
+    /// `lambda` is not finite or lies outside `[λ(T), λ(0)]`.
+    ///
+    /// ```
+    /// use scoresde::sde::{Sde, SubVpSde};
+    /// let sde = SubVpSde::default();
+    /// let t = sde.time_at_log_snr(sde.log_snr(0.3))?;
+    /// assert!((t - 0.3).abs() < 1e-12);
+    /// assert!(sde.time_at_log_snr(sde.log_snr(1.0) - 1.0).is_err()); // beyond T
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn time_at_log_snr(&self, lambda: f64) -> Result<f64> {
+        let end = self.end_time();
+        let (hi_lambda, lo_lambda) = (self.log_snr(0.0), self.log_snr(end));
+        check_log_snr(lambda, lo_lambda, hi_lambda)?;
+        // λ decreases in t: keep λ(lo) ≥ lambda ≥ λ(hi).
+        let (mut lo, mut hi) = (0.0, end);
+        for _ in 0..200 {
+            let mid = 0.5 * (lo + hi);
+            if mid <= lo || mid >= hi {
+                break;
+            }
+            if self.log_snr(mid) >= lambda {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(0.5 * (lo + hi))
+    }
+
+    /// The noise prediction `ε̂ = −σ(t)·s` from a score `s` at time `t` (DPM-Solver's
+    /// `model_wrapper`): the `z` of `x_t = α x_0 + σ z` in expectation.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::sde::{Sde, VeSde};
+    /// let sde = VeSde::new(0.01, 50.0)?;
+    /// let s = Tensor::new(&[[2.0f64]], &Device::Cpu)?;
+    /// let eps = sde.noise_prediction(&s, 0.0)?.to_vec2::<f64>()?;
+    /// assert!((eps[0][0] + 0.02).abs() < 1e-15); // −σ(0)·s = −0.01·2
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn noise_prediction(&self, score: &Tensor, t: f64) -> Result<Tensor> {
+        Ok((score * -self.std(t))?)
+    }
+
+    /// The data prediction (Tweedie's formula) `x̂₀ = E[x_0 | x_t = x] = (x + σ(t)²·s)/α(t)`
+    /// from a score `s` at `(x, t)`; for VE (`α = 1`) it is score_sde's `x + σ²s`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::sde::{Sde, VpSde};
+    /// let sde = VpSde::default();
+    /// // Data N(0, 1) stay N(0, 1) under VP, so s = −x and x̂₀ = (x − σ²x)/α = α·x.
+    /// let x = Tensor::new(&[[1.5f64]], &Device::Cpu)?;
+    /// let x0 = sde.data_prediction(&x, &x.neg()?, 0.5)?.to_vec2::<f64>()?;
+    /// assert!((x0[0][0] - 1.5 * sde.mean_coeff(0.5)).abs() < 1e-12);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn data_prediction(&self, x: &Tensor, score: &Tensor, t: f64) -> Result<Tensor> {
+        check_same_shape(x, score, "x", "score")?;
+        let (alpha, sigma) = (self.mean_coeff(t), self.std(t));
+        Ok(((x + (score * (sigma * sigma))?)? / alpha)?)
+    }
+
     /// The drift `f(x, t) = a(t)·x` at one time `t` for a whole batch.
     ///
     /// ```
@@ -209,6 +292,18 @@ pub trait AncestralSde: Sde {
     /// # Ok::<(), scoresde::Error>(())
     /// ```
     fn ancestral_step(&self, x: &Tensor, score: &Tensor, t: f64, dt: f64) -> Result<(Tensor, f64)>;
+}
+
+/// `Error::InvalidParameter` unless `lambda` is finite and within `[lo, hi]` (up to rounding).
+pub(crate) fn check_log_snr(lambda: f64, lo: f64, hi: f64) -> Result<()> {
+    let slack = 1e-12 * lambda.abs().max(1.0);
+    if lambda.is_finite() && lambda >= lo - slack && lambda <= hi + slack {
+        Ok(())
+    } else {
+        Err(Error::InvalidParameter(format!(
+            "log-SNR {lambda} is outside the SDE's range [λ(T), λ(0)] = [{lo}, {hi}]; use times in [0, T]"
+        )))
+    }
 }
 
 /// A per-sample coefficient `[B]` reshaped to broadcast against `x` of shape `[B, …]`.

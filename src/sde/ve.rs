@@ -102,6 +102,12 @@ impl Sde for VeSde {
         let s = self.std(self.end_time);
         s * s
     }
+    /// Closed form: `λ = −log σ_min − t·log(σ_max/σ_min)`.
+    fn time_at_log_snr(&self, lambda: f64) -> Result<f64> {
+        super::check_log_snr(lambda, self.log_snr(self.end_time), self.log_snr(0.0))?;
+        let t = (-lambda - self.sigma_min.ln()) / self.log_ratio();
+        Ok(t.clamp(0.0, self.end_time))
+    }
     fn drift_coeff_tensor(&self, t: &Tensor) -> Result<Tensor> {
         Ok(t.zeros_like()?)
     }

@@ -153,6 +153,22 @@ impl Sde for VpSde {
     fn diffusion_tensor(&self, t: &Tensor) -> Result<Tensor> {
         Ok(self.beta.beta_tensor(t)?.sqrt()?)
     }
+    /// Closed form (DPM-Solver's `NoiseScheduleVP.inverse_lambda`): with
+    /// `L = log(1 + e^{−2λ}) = −2 log α`, solve `½t²(β_max − β_min) + tβ_min = L`.
+    fn time_at_log_snr(&self, lambda: f64) -> Result<f64> {
+        let end = self.beta.end_time;
+        super::check_log_snr(lambda, self.log_snr(end), f64::INFINITY)?;
+        let l = if lambda < 0.0 {
+            -2.0 * lambda + (2.0 * lambda).exp().ln_1p()
+        } else {
+            (-2.0 * lambda).exp().ln_1p()
+        };
+        let (b0, db) = (self.beta.beta_min, self.beta.beta_max - self.beta.beta_min);
+        // The root 2L/(√(β₀² + 2ΔL) + β₀) does not cancel when Δ or β₀ is small.
+        let t = 2.0 * l / ((b0 * b0 + 2.0 * db * l).sqrt() + b0);
+        Ok(t.min(end))
+    }
+
     fn mean_coeff_tensor(&self, t: &Tensor) -> Result<Tensor> {
         Ok(self.beta.log_mean_coeff_tensor(t)?.exp()?)
     }

@@ -1,7 +1,18 @@
 //! Time grids for fixed-step solvers.
 
-use crate::error::ensure;
+use crate::error::{ensure, ensure_positive};
+use crate::sde::Sde;
 use crate::Result;
+
+/// The most steps a generated grid may have (an 8 MB vector): more is surely a mistake,
+/// and an unbounded count would abort on allocation instead of returning an error.
+pub const MAX_GRID_STEPS: usize = 1 << 20;
+
+fn check_steps(steps: usize) -> Result<()> {
+    ensure((1..=MAX_GRID_STEPS).contains(&steps), || {
+        format!("a grid needs between 1 and {MAX_GRID_STEPS} steps, got {steps}")
+    })
+}
 
 /// A strictly monotone sequence of times `t_0, t_1, …, t_N` (decreasing for reverse-time
 /// sampling): a fixed-step solver takes one step between each pair.
@@ -52,7 +63,7 @@ impl TimeGrid {
     /// # Ok::<(), scoresde::Error>(())
     /// ```
     pub fn uniform(from: f64, to: f64, steps: usize) -> Result<Self> {
-        ensure(steps > 0, || "a grid needs at least one step".into())?;
+        check_steps(steps)?;
         ensure(from.is_finite() && to.is_finite() && from != to, || {
             format!("grid endpoints must be finite and distinct, got {from} and {to}")
         })?;
@@ -86,6 +97,70 @@ impl TimeGrid {
         Self::new(times)
     }
 
+    /// `steps` steps from `from` to `to` (times in `[0, T]` of `sde`), uniform in the
+    /// log-SNR `λ(t)` ([`Sde::log_snr`]): DPM-Solver's `logSNR` grid, its recommendation
+    /// for low-dimensional data.
+    ///
+    /// ```
+    /// use scoresde::{sde::{Sde, VpSde}, solver::TimeGrid};
+    /// let sde = VpSde::default();
+    /// let grid = TimeGrid::log_snr_uniform(&sde, 1.0, 1e-3, 10)?;
+    /// let lambdas: Vec<f64> = grid.times().iter().map(|&t| sde.log_snr(t)).collect();
+    /// let h = lambdas[1] - lambdas[0];
+    /// assert!(lambdas.windows(2).all(|w| ((w[1] - w[0]) - h).abs() < 1e-9));
+    /// assert!(TimeGrid::log_snr_uniform(&sde, 1.0, 0.0, 10).is_err()); // λ(0) = ∞
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn log_snr_uniform<S: Sde + ?Sized>(sde: &S, from: f64, to: f64, steps: usize) -> Result<Self> {
+        let (l0, l1) = log_snr_span(sde, from, to, steps)?;
+        let h = (l1 - l0) / steps as f64;
+        sde_grid(sde, from, to, steps, |i| l0 + h * i as f64)
+    }
+
+    /// Karras et al.'s (2022) ρ-schedule: `steps` steps from `from` to `to` spaced as
+    /// `σ̃_i = (σ̃_0^{1/ρ} + i/N·(σ̃_N^{1/ρ} − σ̃_0^{1/ρ}))^ρ` in `σ̃ = σ/α = e^{−λ}` (EDM
+    /// uses `ρ = 7`). The endpoints are times of `sde`, so `σ̃` stays within its range.
+    ///
+    /// ```
+    /// use scoresde::{sde::{Sde, VeSde}, solver::TimeGrid};
+    /// let sde = VeSde::new(0.01, 50.0)?;
+    /// let grid = TimeGrid::karras(&sde, 1.0, 0.0, 4, 7.0)?;
+    /// let sigma: Vec<f64> = grid.times().iter().map(|&t| sde.std(t)).collect();
+    /// let expected = (50f64.powf(1.0 / 7.0) + 0.25 * (0.01f64.powf(1.0 / 7.0) - 50f64.powf(1.0 / 7.0))).powi(7);
+    /// assert!((sigma[1] - expected).abs() < 1e-9 * expected);
+    /// assert!(TimeGrid::karras(&sde, 1.0, 0.0, 4, 0.0).is_err());
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn karras<S: Sde + ?Sized>(sde: &S, from: f64, to: f64, steps: usize, rho: f64) -> Result<Self> {
+        ensure_positive("rho", rho)?;
+        let (l0, l1) = log_snr_span(sde, from, to, steps)?;
+        // σ̃^{1/ρ} = e^{−λ/ρ}.
+        let (a, b) = ((-l0 / rho).exp(), (-l1 / rho).exp());
+        sde_grid(sde, from, to, steps, |i| {
+            let root = a + (b - a) * i as f64 / steps as f64;
+            -rho * root.ln()
+        })
+    }
+
+    /// `steps` steps from `from` to `to` (both `≥ 0`) uniform in `√t`, so they crowd
+    /// near the smaller end: DPM-Solver's `time_quadratic` grid.
+    ///
+    /// ```
+    /// let grid = scoresde::solver::TimeGrid::quadratic(1.0, 0.0, 2)?;
+    /// assert_eq!(grid.times(), [1.0, 0.25, 0.0]);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn quadratic(from: f64, to: f64, steps: usize) -> Result<Self> {
+        ensure(from >= 0.0 && to >= 0.0, || {
+            format!("a quadratic grid needs times >= 0, got {from} and {to}")
+        })?;
+        let roots = Self::uniform(from.sqrt(), to.sqrt(), steps)?;
+        let mut times: Vec<f64> = roots.times.iter().map(|r| r * r).collect();
+        times[0] = from;
+        times[steps] = to;
+        Self::new(times)
+    }
+
     /// The times, first to last.
     pub fn times(&self) -> &[f64] {
         &self.times
@@ -104,6 +179,76 @@ impl TimeGrid {
     /// The last time.
     pub fn end(&self) -> f64 {
         self.times[self.times.len() - 1]
+    }
+}
+
+/// `(λ(from), λ(to))` after checking the step count and that both times lie in `[0, T]`
+/// with finite log-SNR.
+fn log_snr_span<S: Sde + ?Sized>(sde: &S, from: f64, to: f64, steps: usize) -> Result<(f64, f64)> {
+    check_steps(steps)?;
+    let end = sde.end_time();
+    for t in [from, to] {
+        ensure((0.0..=end).contains(&t), || {
+            format!("grid time {t} is outside the SDE's range [0, {end}]")
+        })?;
+    }
+    let (l0, l1) = (sde.log_snr(from), sde.log_snr(to));
+    ensure(l0.is_finite() && l1.is_finite(), || {
+        format!(
+            "the log-SNR is not finite at the grid's ends ({l0} at {from}, {l1} at {to}); \
+             end the grid at a time > 0 such as 1e-3"
+        )
+    })?;
+    Ok((l0, l1))
+}
+
+/// The grid of times `λ⁻¹(lambda(i))`, `i = 0..=steps`, with exact endpoints.
+fn sde_grid<S: Sde + ?Sized>(
+    sde: &S,
+    from: f64,
+    to: f64,
+    steps: usize,
+    lambda: impl Fn(usize) -> f64,
+) -> Result<TimeGrid> {
+    let mut times = Vec::with_capacity(steps + 1);
+    times.push(from);
+    for i in 1..steps {
+        times.push(sde.time_at_log_snr(lambda(i))?);
+    }
+    times.push(to);
+    TimeGrid::new(times)
+}
+
+/// How the few-step samplers space their steps between `T` and `ε`.
+///
+/// ```
+/// use scoresde::{sde::VpSde, solver::Spacing};
+/// let grid = Spacing::LogSnr.grid(&VpSde::default(), 1.0, 1e-3, 10)?;
+/// assert_eq!(grid.steps(), 10);
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Spacing {
+    /// Uniform in `t` ([`TimeGrid::uniform`]).
+    Time,
+    /// Uniform in `√t` ([`TimeGrid::quadratic`]).
+    Quadratic,
+    /// Uniform in the log-SNR λ ([`TimeGrid::log_snr_uniform`]), DPM-Solver's default.
+    #[default]
+    LogSnr,
+    /// Karras et al.'s ρ-schedule in `σ/α` ([`TimeGrid::karras`]); EDM uses `ρ = 7`.
+    Karras(f64),
+}
+
+impl Spacing {
+    /// The grid of `steps` steps from `from` to `to` for `sde`.
+    pub fn grid<S: Sde + ?Sized>(&self, sde: &S, from: f64, to: f64, steps: usize) -> Result<TimeGrid> {
+        match *self {
+            Self::Time => TimeGrid::uniform(from, to, steps),
+            Self::Quadratic => TimeGrid::quadratic(from, to, steps),
+            Self::LogSnr => TimeGrid::log_snr_uniform(sde, from, to, steps),
+            Self::Karras(rho) => TimeGrid::karras(sde, from, to, steps, rho),
+        }
     }
 }
 

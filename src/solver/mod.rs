@@ -11,6 +11,11 @@
 //!   adaptive [`Rk45`]) applied to the [`ProbabilityFlow`] vector field. The solvers work on
 //!   any [`OdeSystem`], which the likelihood code reuses.
 //!
+//! * Few-step samplers are a [`FewStep`] running a [`Method`] (DPM-Solver++ 2M/3M,
+//!   SDE-DPM-Solver++ 2M, DPM-Solver-2/3, UniPC, EDM's Heun) on a grid spaced by a
+//!   [`Spacing`] (log-SNR, Karras, quadratic, uniform); [`AdaptiveSde`] is the adaptive
+//!   reverse-SDE solver of Jolicoeur-Martineau et al. (2021).
+//!
 //! Every sampler returns an [`Error::NonFinite`] when its state
 //! blows up, and reports how many score evaluations it used.
 //!
@@ -37,11 +42,15 @@
 //! # Ok::<(), scoresde::Error>(())
 //! ```
 
+mod adaptive;
+mod fewstep;
 mod grid;
 mod ode;
 mod reverse;
 
-pub use grid::{StepSchedule, TimeGrid};
+pub use adaptive::AdaptiveSde;
+pub use fewstep::{Churn, FewStep, Method};
+pub use grid::{Spacing, StepSchedule, TimeGrid, MAX_GRID_STEPS};
 pub use ode::{Euler, Heun, OdeSampler, OdeSolution, OdeSolver, OdeSystem, ProbabilityFlow, Rk45};
 pub use reverse::{
     Ancestral, Corrector, EulerMaruyama, Langevin, NoCorrector, Predictor, PredictorCorrector,
@@ -149,4 +158,12 @@ pub(crate) fn check_start(x: &Tensor) -> Result<()> {
         )));
     }
     ensure_finite(x, || "the starting points contain NaN or infinity".into())
+}
+
+/// The denoising step `x̂₀ = (x + σ(t)²s)/α(t)` (score_sde's `noise_removal`).
+pub(crate) fn denoise<S: Sde, M: ScoreModel>(sde: &S, model: &M, x: &Tensor, t: f64) -> Result<Tensor> {
+    let score = model.score(x, &time_like(t, x)?)?;
+    let x0 = sde.data_prediction(x, &score, t)?.detach();
+    ensure_finite(&x0, || format!("the denoised samples are not finite (t = {t})"))?;
+    Ok(x0)
 }

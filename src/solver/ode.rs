@@ -215,8 +215,9 @@ where
 /// Adaptive Dormand–Prince 5(4) with first-same-as-last, as scipy's `solve_ivp(method="RK45")`.
 ///
 /// The error of a step is `RMS(err / (atol + rtol·max(|y|, |y_new|)))` over every element
-/// of the state (the whole batch, as score_sde's ODE sampler does); a step is accepted
-/// when it is below 1. The first step is chosen by scipy's `select_initial_step`. A step
+/// of the state (the whole batch, as score_sde's ODE sampler does; see
+/// [`Rk45::with_per_sample_error`] for a per-sample bound); a step is accepted when it is
+/// below 1. [`Rk45::with_max_nfe`] caps the evaluations. The first step is chosen by scipy's `select_initial_step`. A step
 /// below ten units in the last place of `t` fails with
 /// [`Error::StepSizeUnderflow`].
 ///
@@ -232,6 +233,8 @@ pub struct Rk45 {
     rtol: f64,
     atol: f64,
     first_step: Option<f64>,
+    max_nfe: Option<usize>,
+    per_sample: bool,
 }
 
 impl Rk45 {
@@ -245,7 +248,62 @@ impl Rk45 {
             rtol,
             atol,
             first_step: None,
+            max_nfe: None,
+            per_sample: false,
         })
+    }
+
+    /// Fails with [`Error::EvaluationBudget`] rather than use more than `max_nfe`
+    /// evaluations (at least 8: the first step's selection and one step). No budget by
+    /// default.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::{solver::{OdeSolver, Rk45}, Error};
+    /// let y0 = Tensor::new(&[[1.0f64]], &Device::Cpu)?;
+    /// let fast = |_t: f64, y: &Tensor| Ok((y * 50.0)?.cos()?);
+    /// let tight = Rk45::new(1e-10, 1e-10)?.with_max_nfe(50)?;
+    /// assert!(matches!(tight.solve(&fast, &y0, 0.0, 10.0), Err(Error::EvaluationBudget { budget: 50, .. })));
+    /// assert!(Rk45::default().with_max_nfe(3).is_err());
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn with_max_nfe(mut self, max_nfe: usize) -> Result<Self> {
+        ensure(max_nfe >= 8, || {
+            format!("RK45 needs a budget of at least 8 evaluations, got {max_nfe}")
+        })?;
+        self.max_nfe = Some(max_nfe);
+        Ok(self)
+    }
+
+    /// Per-sample error control: the step error is the largest over samples (the first
+    /// axis) of each sample's RMS, instead of one RMS over the whole batch, so no single
+    /// point may exceed the tolerance while the rest of the batch is accurate.
+    ///
+    /// ```
+    /// let solver = scoresde::solver::Rk45::default().with_per_sample_error(true);
+    /// # let _ = solver;
+    /// ```
+    pub fn with_per_sample_error(mut self, per_sample: bool) -> Self {
+        self.per_sample = per_sample;
+        self
+    }
+
+    /// The step error: [`Self::scaled_rms`], or its per-sample maximum.
+    fn step_error(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<f64> {
+        if !self.per_sample || x.rank() < 2 {
+            return self.scaled_rms(x, a, b);
+        }
+        let scale = a.abs()?.maximum(&b.abs()?)?.affine(self.rtol, self.atol)?;
+        let ratio = (x / scale)?.to_dtype(DType::F64)?.flatten_from(1)?;
+        let rms: Vec<f64> = ratio.sqr()?.mean(1)?.sqrt()?.to_vec1()?;
+        // NaN must not be lost by `max`: it has to reject the step.
+        Ok(rms.into_iter().fold(0.0, |m, v| {
+            if v.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(v)
+            }
+        }))
     }
 
     /// Starts with step `h > 0` instead of choosing one.
@@ -310,6 +368,8 @@ impl Default for Rk45 {
             rtol: 1e-5,
             atol: 1e-5,
             first_step: None,
+            max_nfe: None,
+            per_sample: false,
         }
     }
 }
@@ -402,6 +462,11 @@ impl OdeSolver for Rk45 {
                 if h < min_step {
                     return Err(Error::StepSizeUnderflow { t, step: h });
                 }
+                if let Some(budget) = self.max_nfe {
+                    if f.nfe + 6 > budget {
+                        return Err(Error::EvaluationBudget { budget, t });
+                    }
+                }
                 // Land exactly on t1.
                 let (h_try, t_new) = if direction * (t + direction * h - t1) > 0.0 {
                     ((t1 - t).abs(), t1)
@@ -420,7 +485,7 @@ impl OdeSolver for Rk45 {
                 let k_new = f.eval(t_new, &y_new)?;
                 k.push(k_new.clone());
                 let error = (combine(&E, &k)? * signed_h)?;
-                let error_norm = self.scaled_rms(&error, &y, &y_new)?;
+                let error_norm = self.step_error(&error, &y, &y_new)?;
 
                 if error_norm < 1.0 {
                     let mut factor = if error_norm == 0.0 {
@@ -470,6 +535,7 @@ impl OdeSolver for Rk45 {
 pub struct OdeSampler<O> {
     solver: O,
     eps: f64,
+    denoise: bool,
 }
 
 impl<O: OdeSolver> OdeSampler<O> {
@@ -478,7 +544,20 @@ impl<O: OdeSolver> OdeSampler<O> {
         Self {
             solver,
             eps: super::reverse::DEFAULT_SAMPLING_EPS,
+            denoise: false,
         }
+    }
+
+    /// The same sampler, returning the denoised `x̂₀ = (x + σ(ε)²s)/α(ε)` at the end
+    /// (one more evaluation).
+    ///
+    /// ```
+    /// let s = scoresde::solver::OdeSampler::new(scoresde::solver::Rk45::default()).with_denoise(true);
+    /// # let _ = s;
+    /// ```
+    pub fn with_denoise(mut self, denoise: bool) -> Self {
+        self.denoise = denoise;
+        self
     }
 
     /// The same sampler ending at `ε > 0`.
@@ -514,9 +593,13 @@ impl<S: Sde, O: OdeSolver> Sampler<S> for OdeSampler<O> {
         let _inference = crate::kernels::InferenceScope::enter();
         let flow = ProbabilityFlow::new(sde, model);
         let solution = self.solver.solve(&flow, x_end, sde.end_time(), self.eps)?;
-        Ok(Samples {
-            x: solution.y,
-            stats: solution.stats,
-        })
+        let mut stats = solution.stats;
+        let x = if self.denoise {
+            stats.nfe += 1;
+            super::denoise(sde, model, &solution.y, self.eps)?
+        } else {
+            solution.y
+        };
+        Ok(Samples { x, stats })
     }
 }

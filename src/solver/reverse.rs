@@ -273,6 +273,7 @@ pub struct PredictorCorrector<P, C = NoCorrector> {
     corrector: C,
     schedule: StepSchedule,
     eps: f64,
+    denoise: bool,
 }
 
 /// score_sde's end time for sampling.
@@ -287,6 +288,7 @@ impl<P> PredictorCorrector<P, NoCorrector> {
             corrector: NoCorrector,
             schedule: schedule.into(),
             eps: DEFAULT_SAMPLING_EPS,
+            denoise: false,
         }
     }
 }
@@ -306,7 +308,20 @@ impl<P, C> PredictorCorrector<P, C> {
             corrector,
             schedule: self.schedule,
             eps: self.eps,
+            denoise: self.denoise,
         }
+    }
+
+    /// The same sampler, returning the denoised `x̂₀ = (x + σ(ε)²s)/α(ε)` at the end
+    /// (score_sde's `noise_removal`; one more evaluation).
+    ///
+    /// ```
+    /// let em = scoresde::solver::PredictorCorrector::euler_maruyama(1000).with_denoise(true);
+    /// # let _ = em;
+    /// ```
+    pub fn with_denoise(mut self, denoise: bool) -> Self {
+        self.denoise = denoise;
+        self
     }
 
     /// The same sampler ending at `ε > 0` (ignored when the schedule is an explicit grid,
@@ -353,6 +368,9 @@ impl<S: Sde, P: Predictor<S>, C: Corrector> Sampler<S> for PredictorCorrector<P,
             ensure_finite(&x, || {
                 format!("the sampler's state blew up at t = {t} (step {i})")
             })?;
+        }
+        if self.denoise {
+            x = super::denoise(sde, &model, &x, grid.end())?;
         }
         Ok(Samples {
             x,
