@@ -7,7 +7,8 @@
 //!    exactly.
 //! 2. Samples 64 images with the EMA weights by Euler–Maruyama, predictor–corrector
 //!    (reverse diffusion + Langevin) and the probability-flow ODE (RK45), each ending with
-//!    score_sde's denoising step `x̂₀ = (x + σ²s)/α` at `ε`, and writes 8×8 grids to one PNG.
+//!    score_sde's denoising step `x̂₀ = (x + σ²s)/α` at `ε`, and by DPM-Solver++(2M) in 10
+//!    and 20 evaluations, and writes the 8×8 grids to one PNG.
 //! 3. Test-set bits/dim through the probability-flow ODE with uniform dequantization of the
 //!    8-bit pixels and a Hutchinson trace (score_sde's convention, offset 7: see below).
 //! 4. With `--fpe-steps N > 0`: fine-tunes a copy of the EMA model with DSM + λ·score-FPE
@@ -45,6 +46,7 @@ use scoresde::data::{ImageDataset, Split, FASHION_MNIST_DIR};
 use scoresde::likelihood::{Dequantization, Likelihood};
 use scoresde::prelude::*;
 use scoresde::regularizer::{ScoreFpe, TimeDerivative, TimeWeighting};
+use scoresde::solver::Samples;
 use scoresde::train::{load_weights, Weights};
 
 use common::BoxResult;
@@ -263,30 +265,37 @@ fn evaluate(
     let named = |name: &'static str| move |e: scoresde::Error| format!("{name}: {e}");
     let em = PredictorCorrector::euler_maruyama(s.em_steps)
         .with_eps(EPS)?
+        .with_denoise(true)
         .sample(sde, model, &noise, &mut rng)
         .map_err(named("Euler-Maruyama"))?;
     let pc = PredictorCorrector::new(ReverseDiffusion, s.em_steps / 2)
         .with_corrector(Langevin::new(0.16, 1)?)
         .with_eps(EPS)?
+        .with_denoise(true)
         .sample(sde, model, &noise, &mut rng)
         .map_err(named("predictor-corrector"))?;
     let ode = OdeSampler::new(Rk45::new(1e-4, 1e-4)?)
         .with_eps(EPS)?
+        .with_denoise(true)
         .sample(sde, model, &noise, &mut rng)
         .map_err(named("probability-flow ODE"))?;
+    // Few steps: DPM-Solver++(2M) on the log-SNR grid, 10 and 20 evaluations.
+    let few = |steps: usize| -> BoxResult<Samples> {
+        let sampler = FewStep::dpmpp_2m(steps)?.with_eps(EPS)?;
+        Ok(sampler
+            .sample(sde, model, &noise, &mut StdRng::seed_from_u64(0))
+            .map_err(named("DPM-Solver++"))?)
+    };
+    let (few10, few20) = (few(10)?, few(20)?);
     let panels = [
+        (format!("Euler-Maruyama, {} NFE", em.stats.nfe), em.x),
+        (format!("predictor-corrector, {} NFE", pc.stats.nfe), pc.x),
         (
-            format!("Euler-Maruyama, {} NFE", em.stats.nfe + 1),
-            denoise(sde, model, &em.x)?,
+            format!("probability-flow ODE (RK45), {} NFE", ode.stats.nfe),
+            ode.x,
         ),
-        (
-            format!("predictor-corrector, {} NFE", pc.stats.nfe + 1),
-            denoise(sde, model, &pc.x)?,
-        ),
-        (
-            format!("probability-flow ODE (RK45), {} NFE", ode.stats.nfe + 1),
-            denoise(sde, model, &ode.x)?,
-        ),
+        (format!("DPM-Solver++(2M), {} NFE", few10.stats.nfe), few10.x),
+        (format!("DPM-Solver++(2M), {} NFE", few20.stats.nfe), few20.x),
     ];
     image_grids(png, title, &panels)?;
     eprintln!("{title}: sampled in {:.0} s", clock.elapsed().as_secs_f64());
@@ -314,13 +323,6 @@ fn evaluate(
     })
 }
 
-/// score_sde's final denoising step at `ε`: Tweedie's `x̂₀ = (x + σ²s(x, ε))/α`.
-fn denoise(sde: &VpSde, model: &UNetScore<VpSde>, x: &Tensor) -> BoxResult<Tensor> {
-    let t = Tensor::full(EPS as f32, x.dim(0)?, x.device())?;
-    let (alpha, sigma) = (sde.mean_coeff(EPS), sde.std(EPS));
-    Ok(((x + (model.score(x, &t)? * (sigma * sigma))?)? / alpha)?)
-}
-
 /// The mean score-FPE penalty over the test images at random times (fixed seed).
 fn residual(sde: &VpSde, model: &UNetScore<VpSde>, test: &ImageDataset, fpe: &ScoreFpe) -> BoxResult<f64> {
     use scoresde::regularizer::Regularizer;
@@ -346,7 +348,7 @@ fn residual(sde: &VpSde, model: &UNetScore<VpSde>, test: &ImageDataset, fpe: &Sc
     Ok(total / n as f64)
 }
 
-/// Panels of 8×8 image grids side by side, each under its title.
+/// Panels of 8×8 image grids, three to a row, each under its caption.
 fn image_grids(path: &Path, title: &str, panels: &[(String, Tensor)]) -> BoxResult<()> {
     plotters::style::register_font(
         "sans-serif",
@@ -356,23 +358,27 @@ fn image_grids(path: &Path, title: &str, panels: &[(String, Tensor)]) -> BoxResu
     .map_err(|_| "cannot read the bundled font")?;
     const SCALE: u32 = 2;
     const SIDE: u32 = 8 * 28 * SCALE;
-    let (pad, header) = (16u32, 56u32);
-    let width = panels.len() as u32 * (SIDE + pad) + pad;
-    let root = BitMapBackend::new(path, (width, SIDE + header + pad)).into_drawing_area();
+    const COLUMNS: u32 = 3;
+    let (pad, title_height, caption) = (16u32, 32u32, 26u32);
+    let rows = (panels.len() as u32).div_ceil(COLUMNS);
+    let width = COLUMNS * (SIDE + pad) + pad;
+    let height = title_height + rows * (caption + SIDE + pad);
+    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
     root.fill(&WHITE)?;
     root.draw_text(title, &("sans-serif", 18).into_text_style(&root), (pad as i32, 6))?;
-    for (i, (caption, images)) in panels.iter().enumerate() {
-        let x0 = pad + i as u32 * (SIDE + pad);
+    for (i, (text, images)) in panels.iter().enumerate() {
+        let x0 = pad + (i as u32 % COLUMNS) * (SIDE + pad);
+        let y0 = title_height + (i as u32 / COLUMNS) * (caption + SIDE + pad);
         root.draw_text(
-            caption,
+            text,
             &("sans-serif", 14).into_text_style(&root),
-            (x0 as i32, 32),
+            (x0 as i32, y0 as i32 + 4),
         )?;
         let pixels = ImageDataset::to_pixels(images)?.flatten_all()?.to_vec1::<u8>()?;
         for (k, image) in pixels.chunks_exact(28 * 28).take(64).enumerate() {
             let (gx, gy) = (
                 x0 + (k as u32 % 8) * 28 * SCALE,
-                header + (k as u32 / 8) * 28 * SCALE,
+                y0 + caption + (k as u32 / 8) * 28 * SCALE,
             );
             for (j, &v) in image.iter().enumerate() {
                 let (px, py) = (gx + (j as u32 % 28) * SCALE, gy + (j as u32 / 28) * SCALE);
