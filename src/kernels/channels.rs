@@ -218,9 +218,9 @@ impl CustomOp1 for ChannelSum {
 /// GroupNorm without its affine part: each (image, group) row of `x: [B, C, …]` centred
 /// and divided by `√(var + eps)`.
 ///
-/// The forward pass is one op (candle ops take seven); its backward,
-/// `x̄ = (ḡ − mean ḡ − x̂·mean(ḡ x̂))/σ` per row, is written in plain candle ops so that the
-/// Fokker–Planck penalties can differentiate it again.
+/// The forward pass is one op (candle ops take seven), and so is its backward
+/// ([`GroupNormBackward`]), whose own derivatives are plain candle ops and itself, so the
+/// Fokker–Planck penalties can differentiate it to any order.
 pub(crate) fn group_normalize(x: &Tensor, groups: usize, eps: f64) -> candle_core::Result<Tensor> {
     if fast(x) {
         x.contiguous()?.apply_op1(GroupNormalize { groups, eps })
@@ -284,15 +284,127 @@ impl CustomOp1 for GroupNormalize {
         Ok((out, layout.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, normed: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, x: &Tensor, _normed: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let backward = GroupNormBackward {
+            groups: self.groups,
+            eps: self.eps,
+        };
+        Ok(Some(x.apply_op2(&grad.contiguous()?, backward)?))
+    }
+}
+
+/// GroupNorm's backward pass as one op: `x̄ = J(x)·ḡ = (ḡ − mean ḡ − x̂·mean(ḡx̂))/σ` per
+/// row. Its own derivatives (second order, for the penalties) are plain candle ops and
+/// this op again: `J` is symmetric, so `∂⟨x̄, G⟩/∂ḡ = J·G`, and
+/// `∂⟨x̄, G⟩/∂x = J·v/σ − m·x̂/σ²` with `v = −mean(x̂G)·ḡ − mean(ḡx̂)·G` and
+/// `m = mean(ḡG) − mean(ḡ)mean(G) − mean(ḡx̂)mean(x̂G)` (from `dσ = ⟨x̂/n, dx⟩` and
+/// `dx̂ = J·dx`; checked against plain-op GroupNorm to third order in the tests).
+struct GroupNormBackward {
+    groups: usize,
+    eps: f64,
+}
+
+impl CustomOp2 for GroupNormBackward {
+    fn name(&self) -> &'static str {
+        "group-normalize-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn backward<T: Real>(x: &[T], g: &[T], n: usize, eps: f64) -> Vec<T> {
+            let mut out = vec![T::zero(); x.len()];
+            let eps = T::from(eps).unwrap_or_else(T::zero);
+            let count = T::from(n).unwrap_or_else(T::one);
+            out.par_chunks_mut(n.max(1))
+                .zip(x.par_chunks(n.max(1)).zip(g.par_chunks(n.max(1))))
+                .for_each(|(out, (x, g))| {
+                    let mean = x.iter().fold(T::zero(), |a, &v| a + v) / count;
+                    let var = x.iter().fold(T::zero(), |a, &v| a + (v - mean) * (v - mean)) / count;
+                    let inv = T::one() / (var + eps).sqrt();
+                    let g_mean = g.iter().fold(T::zero(), |a, &v| a + v) / count;
+                    let gx_mean = x
+                        .iter()
+                        .zip(g)
+                        .fold(T::zero(), |a, (&v, &w)| a + (v - mean) * inv * w)
+                        / count;
+                    for ((o, &v), &w) in out.iter_mut().zip(x).zip(g) {
+                        *o = (w - g_mean - (v - mean) * inv * gx_mean) * inv;
+                    }
+                });
+            out
+        }
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "group norm backward: x {:?} and gradient {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let dims = l1.shape().dims();
+        if dims.len() < 2 || dims[1] % self.groups != 0 {
+            candle_core::bail!(
+                "group norm: {} groups do not divide the channels of {dims:?}",
+                self.groups
+            );
+        }
+        let n = l1.shape().elem_count() / (dims[0] * self.groups).max(1);
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            return Err(candle_core::Error::RequiresContiguous { op: self.name() });
+        };
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(backward(&x[a0..a1], &g[b0..b1], n, self.eps))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(backward(&x[a0..a1], &g[b0..b1], n, self.eps))
+            }
+            (a, b) => candle_core::bail!(
+                "group norm backward: needs two f32 or two f64 tensors, got {:?} and {:?}",
+                a.dtype(),
+                b.dtype()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _x_bar: &Tensor,
+        upstream: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (rows, n) = group_rows(x, self.groups)?;
+        let upstream = upstream.contiguous()?;
+        let again = |v: &Tensor| {
+            x.apply_op2(
+                &v.contiguous()?,
+                GroupNormBackward {
+                    groups: self.groups,
+                    eps: self.eps,
+                },
+            )
+        };
+        let wrt_g = again(&upstream)?;
+        // Per row: x̂, σ, and the means the derivative needs.
         let xr = x.reshape((rows, n))?;
         let centered = xr.broadcast_sub(&xr.mean_keepdim(1)?)?;
         let std = (centered.sqr()?.mean_keepdim(1)? + self.eps)?.sqrt()?;
-        let (g, xh) = (grad.reshape((rows, n))?, normed.reshape((rows, n))?);
-        let projection = xh.broadcast_mul(&(&g * &xh)?.mean_keepdim(1)?)?;
-        let x_bar = (g.broadcast_sub(&g.mean_keepdim(1)?)? - projection)?.broadcast_div(&std)?;
-        Ok(Some(x_bar.reshape(x.shape())?))
+        let xh = group_normalize(x, self.groups, self.eps)?.reshape((rows, n))?;
+        let (gr, ur) = (g.reshape((rows, n))?, upstream.reshape((rows, n))?);
+        let c = (&gr * &xh)?.mean_keepdim(1)?;
+        let xu = (&xh * &ur)?.mean_keepdim(1)?;
+        let m =
+            (((&gr * &ur)?.mean_keepdim(1)? - (gr.mean_keepdim(1)? * ur.mean_keepdim(1)?)?)? - (&c * &xu)?)?;
+        let v = (gr.broadcast_mul(&xu)? + ur.broadcast_mul(&c)?)?.neg()?;
+        let jv = again(&v.reshape(x.shape())?)?.reshape((rows, n))?;
+        let wrt_x = (jv.broadcast_div(&std)? - xh.broadcast_mul(&(m / std.sqr()?)?)?)?;
+        Ok((Some(wrt_x.reshape(x.shape())?), Some(wrt_g)))
     }
 }
 
@@ -349,9 +461,9 @@ mod tests {
         }
     }
 
-    /// The fused GroupNorm against the plain-op one (its fallback), through second order.
+    /// The fused GroupNorm against the plain-op one (its fallback), through third order.
     #[test]
-    fn group_normalize_agrees_with_plain_ops_to_second_order() {
+    fn group_normalize_agrees_with_plain_ops_to_third_order() {
         let x = Var::from_tensor(&(ramp(&[2, 4, 3, 3]) * 3.0).unwrap()).unwrap();
         let q = ramp(&[2, 4, 3, 3]);
         let plain = |x: &Tensor| {
@@ -376,5 +488,17 @@ mod tests {
         let (a, b) = (h1.backward().unwrap(), h2.backward().unwrap());
         let (a, b) = (a.get(x.as_tensor()).unwrap(), b.get(x.as_tensor()).unwrap());
         assert!(max_gap(a, b) < 1e-9, "{a} vs {b}");
+        // Third order: the gradient of ‖∂h/∂x‖², through the backward op's own backward.
+        let third = |g: &dyn Fn(&Tensor) -> Tensor| {
+            let (_, _, h) = h(g);
+            let hx = h.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            let k = (hx.sqr().unwrap() * &q).unwrap().sum_all().unwrap();
+            k.backward().unwrap().get(x.as_tensor()).unwrap().clone()
+        };
+        let (a, b) = (third(&fused), third(&plain));
+        assert!(
+            max_gap(&a, &b) < 1e-7 * (1.0 + b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()),
+            "{a} vs {b}"
+        );
     }
 }
