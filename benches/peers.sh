@@ -3,6 +3,7 @@
 # back to back in one run, so that the ratios are taken under the same machine load.
 #
 # Usage: bash benches/peers.sh [ROUNDS] [WORKLOAD ...]     (default: 1 round of em dsm fpe)
+#        bash benches/peers.sh 2 unet-dsm unet-fpe unet-em  (the image U-Net beside torch_unet.py)
 # Needs the peers' venv: bash ../shared/peers/setup.sh --torch   (PEERS_VENV overrides it)
 #
 # Prints one row per program: workload, round, program, the workload's `value unit`, and
@@ -33,13 +34,19 @@ run() { # workload round name command...
   local value rss
   value=$(grep -E "^[a-z0-9_]+ [0-9.]+ " "$log.out" | head -n 1 | cut -d' ' -f2-)
   rss=$(awk -F: '/Maximum resident set size/ {printf "%.1f", $2 / 1024}' "$log")
-  printf '%-4s round %s  %-8s %-18s peak %s MiB\n' "$w" "$r" "$name" "$value" "$rss"
+  printf '%-8s round %s  %-8s %-22s peak %s MiB\n' "$w" "$r" "$name" "$value" "$rss"
   rm -f "$log" "$log.out"
 }
 
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq 1 "$rounds"); do
   for w in "${workloads[@]}"; do
+    if [[ $w == unet-* ]]; then
+      # The U-Net (UNET.md): eager PyTorch beside the crate, which trains it through the graph.
+      run "$w" "$r" pytorch "$python" "$peers/torch_unet.py" "${w#unet-}"
+      run "$w" "$r" crate "$crate" "$w"
+      continue
+    fi
     run "$w" "$r" jax "$python" "$peers/jax_ref.py" "$w"
     run "$w" "$r" pytorch "$python" "$peers/torch_ref.py" "$w"
     run "$w" "$r" crate "$crate" "$w"
