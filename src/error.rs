@@ -11,8 +11,10 @@
 /// let err = VpSde::new(20.0, 0.1).unwrap_err(); // inverted β range
 /// assert!(matches!(err, Error::InvalidParameter(_)));
 /// assert!(err.to_string().contains("beta_min"));
+/// // Debug (what `fn main() -> scoresde::Result<()>` prints) carries the same text.
+/// assert!(format!("{err:?}").contains("beta_min"));
 /// ```
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum Error {
     /// A constructor or function got a hyperparameter outside its valid range.
     #[error("invalid parameter: {0}")]
@@ -59,6 +61,25 @@ pub enum Error {
     /// An I/O error (checkpoints, images).
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// Debug prints the variant and the Display text: `fn main() -> scoresde::Result<()>`
+/// reports an error with `{:?}`, and the Display text is where the instructions are.
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let variant = match self {
+            Self::InvalidParameter(_) => "InvalidParameter",
+            Self::Shape(_) => "Shape",
+            Self::NonFinite(_) => "NonFinite",
+            Self::StepSizeUnderflow { .. } => "StepSizeUnderflow",
+            Self::HigherOrderGradientsUnavailable => "HigherOrderGradientsUnavailable",
+            Self::Checkpoint(_) => "Checkpoint",
+            Self::NonFiniteLoss { .. } => "NonFiniteLoss",
+            Self::Candle(_) => "Candle",
+            Self::Io(_) => "Io",
+        };
+        write!(f, "{variant}: {self}")
+    }
 }
 
 /// `Result` with the crate's [`Error`].
