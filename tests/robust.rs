@@ -30,3 +30,266 @@ fn debug_carries_the_display_text() {
     assert!(debug.starts_with("HigherOrderGradientsUnavailable: "));
     assert!(debug.contains("CANDLE_GRAD_DO_NOT_DETACH=1"));
 }
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use scoresde::autodiff::{time_derivative_fd, DEFAULT_FD_HD, DEFAULT_FD_HS};
+use scoresde::likelihood::{Dequantization, Likelihood};
+use scoresde::regularizer::{Collocation, LogDensityFp, Regularizer, ScoreFpe, TimeDerivative};
+use scoresde::score::{Covariance, GaussianMixture, MlpConfig, MlpPotential, MlpScore, PotentialConfig};
+use scoresde::sde::{OuSde, Sde, SubVpSde, VeSde, VpSde};
+use scoresde::{LogDensityModel, Result, ScoreModel};
+
+fn invalid<T>(r: Result<T>, needle: &str) {
+    match r {
+        Err(Error::InvalidParameter(msg)) => assert!(msg.contains(needle), "{msg:?} lacks {needle:?}"),
+        Err(other) => panic!("expected InvalidParameter mentioning {needle:?}, got {other:?}"),
+        Ok(_) => panic!("expected InvalidParameter mentioning {needle:?}, got Ok"),
+    }
+}
+
+fn builder(vars: &VarMap, dtype: DType) -> VarBuilder<'_> {
+    VarBuilder::from_varmap(vars, dtype, &Device::Cpu)
+}
+
+fn mixture() -> GaussianMixture {
+    GaussianMixture::new(
+        vec![0.3, 0.7],
+        vec![vec![-1.0, 0.5], vec![2.0, 0.0]],
+        vec![Covariance::Isotropic(0.2), Covariance::Diagonal(vec![0.5, 0.1])],
+    )
+    .unwrap()
+}
+
+#[test]
+fn networks_refuse_zero_depth_and_non_float_builders() {
+    let vars = VarMap::new();
+    let config = MlpConfig {
+        depth: 0,
+        ..Default::default()
+    };
+    invalid(
+        MlpScore::new(builder(&vars, DType::F32), VpSde::default(), config),
+        "depth",
+    );
+    let config = PotentialConfig {
+        depth: 0,
+        ..Default::default()
+    };
+    invalid(MlpPotential::new(builder(&vars, DType::F32), config), "depth");
+    for dtype in [DType::U8, DType::U32, DType::I64, DType::F16, DType::BF16] {
+        let vars = VarMap::new();
+        invalid(
+            MlpScore::new(builder(&vars, dtype), VpSde::default(), MlpConfig::default()),
+            "f32 or f64",
+        );
+        invalid(
+            MlpPotential::new(builder(&vars, dtype), PotentialConfig::default()),
+            "f32 or f64",
+        );
+    }
+}
+
+#[test]
+fn mixture_refuses_integer_points() -> Result<()> {
+    let exact = mixture().diffused(VpSde::default());
+    let x = Tensor::new(&[[1u8, 2], [0, 3]], &Device::Cpu)?;
+    let t = Tensor::new(&[0.5f32, 0.5], &Device::Cpu)?;
+    invalid(exact.score(&x, &t), "f32 or f64");
+    invalid(exact.log_density(&x, &t), "f32 or f64");
+    Ok(())
+}
+
+/// Times enter the models, and are checked there: for random times (some outside
+/// [0, T], some non-finite), a model returns an error exactly when a time is out of
+/// range, and a finite score otherwise.
+#[test]
+fn models_accept_exactly_the_times_in_their_domain() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(17);
+    let vars = VarMap::new();
+    let sde = VpSde::default().with_end_time(2.0)?;
+    let net = MlpScore::new(builder(&vars, DType::F64), sde, MlpConfig::default())?;
+    let exact = mixture().diffused(sde);
+    let potential = MlpPotential::new(builder(&VarMap::new(), DType::F64), PotentialConfig::default())?;
+    let x = Tensor::new(&[[0.3f64, -0.2], [1.0, 2.0]], &Device::Cpu)?;
+    for case in 0..300 {
+        let other: f64 = rng.random_range(0.01..2.0);
+        let t: f64 = match case % 6 {
+            0 => rng.random_range(-3.0..0.0),
+            1 => rng.random_range(2.0..5.0) + 1e-9,
+            2 => [f64::NAN, f64::INFINITY, f64::NEG_INFINITY][case % 3],
+            3 => 0.0,
+            _ => rng.random_range(0.0..=2.0),
+        };
+        let times = Tensor::new(&[other, t], &Device::Cpu)?;
+        let in_range = (0.0..=2.0).contains(&t);
+        let finite = |s: &Tensor| {
+            s.flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+                .iter()
+                .all(|v| v.is_finite())
+        };
+        // The exact mixture is defined at t = 0 (its covariances are positive).
+        match exact.score(&x, &times) {
+            Ok(s) => assert!(in_range && finite(&s), "t = {t}: Ok with {s}"),
+            Err(e) => assert!(!in_range, "t = {t}: {e}"),
+        }
+        // MlpScore divides by σ(t), which is 0 at t = 0 under VP.
+        match net.score(&x, &times) {
+            Ok(s) => assert!(in_range && t > 0.0 && finite(&s), "t = {t}: Ok with {s}"),
+            Err(e) => assert!(!in_range || t == 0.0, "t = {t}: {e}"),
+        }
+        // A potential has no T: any finite t >= 0.
+        match potential.log_density(&x, &times) {
+            Ok(u) => assert!(t >= 0.0 && t.is_finite() && finite(&u), "t = {t}: Ok with {u}"),
+            Err(e) => assert!(t < 0.0 || !t.is_finite(), "t = {t}: {e}"),
+        }
+    }
+    // σ(0) = σ_min > 0 for VE: t = 0 is fine there.
+    let ve = MlpScore::new(
+        builder(&VarMap::new(), DType::F64),
+        VeSde::default(),
+        MlpConfig::default(),
+    )?;
+    ve.score(&x, &Tensor::new(&[0.0f64, 0.0], &Device::Cpu)?)?;
+    // Half precision is refused where the times enter, with a message that says why.
+    let half = Tensor::new(&[0.5f32, 0.5], &Device::Cpu)?.to_dtype(DType::F16)?;
+    invalid(net.score(&x, &half), "f32 or f64");
+    invalid(VpSde::default().check_times(&half), "f32 or f64");
+    Ok(())
+}
+
+/// σ(t) as a tensor keeps its digits at small t in f32 (it used to cancel: 1 − e^{2L}).
+#[test]
+fn std_tensor_does_not_cancel_at_small_times() -> Result<()> {
+    let times = [1e-7f64, 1e-5, 1e-3, 0.1, 1.0];
+    let t = Tensor::new(&times.map(|t| t as f32), &Device::Cpu)?;
+    let check =
+        |sde: &dyn Fn(&Tensor) -> Result<Tensor>, exact: &dyn Fn(f64) -> f64, what: &str| -> Result<()> {
+            let got = sde(&t)?.to_vec1::<f32>()?;
+            for (g, &ti) in got.iter().zip(&times) {
+                let want = exact(ti as f32 as f64);
+                let rel = (*g as f64 - want).abs() / want;
+                assert!(
+                    rel < 1e-5,
+                    "{what}({ti}) = {g}, want {want} (relative error {rel:e})"
+                );
+            }
+            Ok(())
+        };
+    let (vp, sub) = (VpSde::default(), SubVpSde::default());
+    check(&|t| vp.std_tensor(t), &|t| vp.std(t), "VP sigma")?;
+    check(&|t| sub.std_tensor(t), &|t| sub.std(t), "sub-VP sigma")?;
+    check(&|t| sub.diffusion_tensor(t), &|t| sub.diffusion(t), "sub-VP g")?;
+    Ok(())
+}
+
+/// At t = 0 the stencil goes forward; it never asks the model about a time before 0, and
+/// stays exact for quadratics in t.
+#[test]
+fn time_derivative_fd_stays_at_or_after_time_zero() -> Result<()> {
+    // s(x, t) = (1 + 3t + t²)·x, ∂s/∂t = (3 + 2t)·x; errors on a negative time.
+    let model = |x: &Tensor, t: &Tensor| -> Result<Tensor> {
+        let low = t.min(0)?.to_scalar::<f64>()?;
+        if low < 0.0 {
+            return Err(Error::InvalidParameter(format!("evaluated at t = {low}")));
+        }
+        let c = (t.affine(3.0, 1.0)? + t.sqr()?)?;
+        Ok(x.broadcast_mul(&c.unsqueeze(1)?)?)
+    };
+    let x = Tensor::new(&[[1.0f64, -2.0], [0.5, 1.0], [2.0, 1.0]], &Device::Cpu)?;
+    let times = [0.0f64, 1e-4, 0.5];
+    let t = Tensor::new(&times, &Device::Cpu)?;
+    let ds = time_derivative_fd(&model, &x, &t, DEFAULT_FD_HS, DEFAULT_FD_HD)?.to_vec2::<f64>()?;
+    let xs = x.to_vec2::<f64>()?;
+    for ((row, xi), ti) in ds.iter().zip(&xs).zip(times) {
+        for (g, xv) in row.iter().zip(xi) {
+            let want = (3.0 + 2.0 * ti) * xv;
+            assert!((g - want).abs() < 1e-8, "t = {ti}: {g} vs {want}");
+        }
+    }
+    invalid(
+        time_derivative_fd(
+            &model,
+            &x,
+            &Tensor::new(&[-0.1f64, 0.1, 0.2], &Device::Cpu)?,
+            1e-3,
+            5e-4,
+        ),
+        ">= 0",
+    );
+    Ok(())
+}
+
+/// The score-FPE's finite-difference ∂ₜs at t = T stays inside [0, T] (the exact mixture
+/// refuses later times) and agrees with autodiff.
+#[test]
+fn score_fpe_stencil_stays_before_end_time() -> Result<()> {
+    let sde = VpSde::default();
+    let exact = mixture().diffused(sde);
+    let x = Tensor::new(&[[0.3f64, -0.2], [1.0, 0.5]], &Device::Cpu)?;
+    let t = Tensor::new(&[1.0f64, 0.9999], &Device::Cpu)?;
+    let mut rng = StdRng::seed_from_u64(0);
+    let fd = ScoreFpe::new().with_time_derivative(TimeDerivative::PAPER_STENCIL);
+    let fd = fd.residual(&sde, &exact, &x, &t, &mut rng)?.to_vec2::<f64>()?;
+    let ad = ScoreFpe::new().with_time_derivative(TimeDerivative::Autodiff);
+    let ad = ad.residual(&sde, &exact, &x, &t, &mut rng)?.to_vec2::<f64>()?;
+    for (a, b) in fd.iter().flatten().zip(ad.iter().flatten()) {
+        assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    Ok(())
+}
+
+/// Box collocation with a boundary term does not use the batch's points: an empty batch
+/// gives a finite penalty (it used to divide by zero).
+#[test]
+fn log_density_fp_box_with_boundary_on_an_empty_batch() -> Result<()> {
+    let potential = MlpPotential::new(builder(&VarMap::new(), DType::F64), PotentialConfig::default())?;
+    let fp = LogDensityFp::paper(3.5)?.with_collocation(Collocation::UniformBox {
+        low: -3.5,
+        high: 3.5,
+        points: 50,
+        eps: 1e-5,
+    })?;
+    let x = Tensor::zeros((0, 2), DType::F64, &Device::Cpu)?;
+    let t = Tensor::zeros(0, DType::F64, &Device::Cpu)?;
+    let sde = OuSde::default();
+    let penalty = fp.penalty(&sde, &potential, &x, &t, &mut StdRng::seed_from_u64(0))?;
+    assert!(penalty.to_scalar::<f64>()?.is_finite());
+    // A rank-1 "batch" is a shape error, not an index panic.
+    let bad = Tensor::zeros(3, DType::F64, &Device::Cpu)?;
+    assert!(matches!(
+        fp.penalty(&sde, &potential, &bad, &bad, &mut StdRng::seed_from_u64(0)),
+        Err(Error::Shape(_))
+    ));
+    Ok(())
+}
+
+#[test]
+fn dequantization_refuses_data_outside_unit_interval() -> Result<()> {
+    let sde = VpSde::default();
+    let exact = mixture().diffused(sde);
+    let likelihood = Likelihood::new().with_dequantization(Dequantization::eight_bit());
+    let raw = Tensor::new(&[[0.0f64, 255.0], [12.0, 128.0]], &Device::Cpu)?;
+    invalid(
+        likelihood.evaluate(&sde, &exact, &raw, &mut StdRng::seed_from_u64(0)),
+        "divide",
+    );
+    let negative = Tensor::new(&[[-0.5f64, 0.5]], &Device::Cpu)?;
+    invalid(
+        likelihood.evaluate(&sde, &exact, &negative, &mut StdRng::seed_from_u64(0)),
+        "[0, 1]",
+    );
+    Ok(())
+}
+
+#[test]
+fn ve_refuses_parameters_whose_derived_quantities_overflow() {
+    invalid(VeSde::new(1e-300, 1e300), "finite");
+    invalid(VeSde::new(1e-10, 1e200), "finite"); // σ_max² overflows
+    invalid(VeSde::default().with_end_time(1e3), "finite"); // σ(T) = 0.01·5000^1000
+    assert!(VeSde::new(1e-3, 1e3).is_ok());
+}

@@ -280,6 +280,17 @@ impl<S: Sde, M: LogDensityModel> Regularizer<S, M> for LogDensityFp {
     }
 }
 
+/// The dims of a batch `[B, …]` (B may be 0: only the per-sample shape is used).
+fn batch_shape(like: &Tensor) -> Result<Vec<usize>> {
+    if like.rank() < 2 {
+        return Err(Error::Shape(format!(
+            "expected points of shape [B, ...] with at least 2 dimensions, got {:?}",
+            like.dims()
+        )));
+    }
+    Ok(like.dims().to_vec())
+}
+
 /// `n` points uniform in `[low, high]^d × [eps, T]`, shaped like `like`'s samples.
 fn box_points(
     like: &Tensor,
@@ -290,7 +301,7 @@ fn box_points(
     end: f64,
     rng: &mut dyn RngCore,
 ) -> Result<(Tensor, Tensor)> {
-    let mut shape = like.dims().to_vec();
+    let mut shape = batch_shape(like)?;
     shape[0] = n;
     let x = uniform(shape, low, high, like.dtype(), like.device(), rng)?;
     let t = uniform(n, eps, end, like.dtype(), like.device(), rng)?;
@@ -307,7 +318,9 @@ fn face_points(
     end: f64,
     rng: &mut dyn RngCore,
 ) -> Result<(Tensor, Tensor)> {
-    let d = like.elem_count() / like.dim(0)?;
+    // The per-sample size from the shape, not elem_count / B: the batch may be empty
+    // (box collocation does not use its points).
+    let d: usize = batch_shape(like)?.iter().skip(1).product();
     let total = 2 * d * n;
     let mut values = Vec::with_capacity(total * d);
     for face in 0..2 * d {
@@ -322,7 +335,7 @@ fn face_points(
             }));
         }
     }
-    let mut shape = like.dims().to_vec();
+    let mut shape = batch_shape(like)?;
     shape[0] = total;
     let x = Tensor::from_vec(values, shape, like.device())?.to_dtype(like.dtype())?;
     let t = uniform(total, eps, end, like.dtype(), like.device(), rng)?;

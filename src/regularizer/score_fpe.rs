@@ -4,7 +4,9 @@ use candle_core::{DType, Tensor};
 use rand::RngCore;
 
 use super::{PenaltyTerms, Regularizer, ScoreFpeTerms};
-use crate::autodiff::{divergence_and_time_derivative, grad, leaf, time_derivative_fd, Divergence, Probe};
+use crate::autodiff::{
+    divergence_and_time_derivative, grad, leaf, time_derivative_fd_within, Divergence, Probe,
+};
 use crate::error::{ensure, ensure_positive};
 use crate::sde::{flatten_batch, per_sample, Sde};
 use crate::{Error, Result, ScoreModel};
@@ -48,7 +50,7 @@ pub enum TimeWeighting {
 /// The score Fokker–Planck equation residual as a regularizer (Lai et al. 2023).
 ///
 /// The true score of the diffused data satisfies `∂_t s = ∇_x φ` with
-/// `φ = ½g²(∇·s + ‖s‖²) − ⟨f, s⟩` (the `∇·f` term is constant in `x` for affine drift and
+/// `φ = ½g²(∇·s + ‖s‖²) − ⟨f, s⟩` (the `∇·f` term is constant in `x` for linear drift `a(t)·x` and
 /// drops). The residual `r = ∂_t s − ∇_x φ` is zero for the true score; the penalty at the
 /// perturbed training points is
 ///
@@ -62,7 +64,7 @@ pub enum TimeWeighting {
 /// `∂_t s`, and `β = 0` (its CIFAR-10 runs use `β = 0.01` with `λ = 0.15` on `R_vec`; set
 /// them with [`ScoreFpe::with_scalar_weight`] and the trainer's penalty weight).
 ///
-/// Works for every [`Sde`] (all have affine drift) and every [`ScoreModel`]; the model must
+/// Works for every [`Sde`] (all have linear drift `a(t)·x`) and every [`ScoreModel`]; the model must
 /// be differentiable in `x` (and in `t` for [`TimeDerivative::Autodiff`]). It needs live
 /// second-order gradients (see [`crate::autodiff`]).
 ///
@@ -243,9 +245,9 @@ impl ScoreFpe {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&columns, 1)?
             }
-            (None, TimeDerivative::FiniteDifference { hs, hd }) => {
-                flatten_batch(&time_derivative_fd(model, &x, &t_plain, hs, hd)?)?
-            }
+            (None, TimeDerivative::FiniteDifference { hs, hd }) => flatten_batch(
+                &time_derivative_fd_within(model, &x, &t_plain, hs, hd, sde.end_time())?,
+            )?,
         };
         Ok(FpeTerms {
             residual: (ds_dt - grad_potential)?,
