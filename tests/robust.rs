@@ -293,3 +293,94 @@ fn ve_refuses_parameters_whose_derived_quantities_overflow() {
     invalid(VeSde::default().with_end_time(1e3), "finite"); // σ(T) = 0.01·5000^1000
     assert!(VeSde::new(1e-3, 1e3).is_ok());
 }
+
+mod metrics {
+    use super::*;
+    use scoresde::metrics::{
+        energy_distance, histogram_w2, mmd2_unbiased, sliced_w2, w2_exact, w2_squared_exact, Grid,
+        MAX_W2_EXACT_POINTS,
+    };
+
+    fn points(rng: &mut StdRng, n: usize, scale: f64) -> Tensor {
+        let v: Vec<f64> = (0..2 * n).map(|_| rng.random_range(-1.0..1.0) * scale).collect();
+        Tensor::from_vec(v, (n, 2), &Device::Cpu).unwrap()
+    }
+
+    fn close(a: f64, b: f64, what: &str) {
+        assert!(
+            a.is_finite() && (a - b).abs() <= 1e-12 * b.abs(),
+            "{what}: {a:e} vs {b:e}"
+        );
+    }
+
+    /// Every distance is finite and scales exactly with points near the ends of f64's
+    /// range, where squared distances overflow (w2_exact used to hang there) or underflow.
+    #[test]
+    fn distances_scale_exactly_over_the_whole_f64_range() -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(6);
+        let (x, y) = (points(&mut rng, 40, 1.0), points(&mut rng, 40, 1.0));
+        let w2 = w2_exact(&x, &y)?;
+        let energy = energy_distance(&x, &y)?;
+        let sliced = sliced_w2(&x, &y, 20, &mut StdRng::seed_from_u64(1))?;
+        let mmd = mmd2_unbiased(&x, &y, Some(0.7))?;
+        let mmd_median = mmd2_unbiased(&x, &y, None)?;
+        // Powers of two scale floating point exactly, so the results must match closely.
+        for scale in [2f64.powi(1000), 2f64.powi(-1000), 2f64.powi(1023)] {
+            let (xs, ys) = ((&x * scale)?, (&y * scale)?);
+            close(w2_exact(&xs, &ys)?, w2 * scale, "W2");
+            close(energy_distance(&xs, &ys)?, energy * scale, "energy");
+            close(
+                sliced_w2(&xs, &ys, 20, &mut StdRng::seed_from_u64(1))?,
+                sliced * scale,
+                "sliced",
+            );
+            close(mmd2_unbiased(&xs, &ys, Some(0.7 * scale))?, mmd, "MMD");
+            close(mmd2_unbiased(&xs, &ys, None)?, mmd_median, "MMD median");
+        }
+        // Far apart, W2 is representable and its square is not.
+        let far = Tensor::new(&[[1e300f64, 0.0]], &Device::Cpu)?;
+        let near = Tensor::new(&[[-1e300f64, 0.0]], &Device::Cpu)?;
+        close(w2_exact(&far, &near)?, 2e300, "W2 far");
+        assert!(matches!(w2_squared_exact(&far, &near), Err(Error::NonFinite(_))));
+        Ok(())
+    }
+
+    #[test]
+    fn w2_exact_bounds_its_cost_matrix() -> Result<()> {
+        let n = MAX_W2_EXACT_POINTS + 1;
+        let x = Tensor::zeros((n, 2), DType::F64, &Device::Cpu)?;
+        invalid(w2_exact(&x, &x), &format!("{n} x {n} cost matrix"));
+        Ok(())
+    }
+
+    #[test]
+    fn grids_and_histograms_stay_finite() -> Result<()> {
+        invalid(Grid::new(-1e308, 1e308, 64), "finite width");
+        let grid = Grid::new(-1e200, 1e200, 4)?;
+        let x = Tensor::new(&[[-9e199f64], [9e199]], &Device::Cpu)?;
+        let y = Tensor::new(&[[9e199f64], [9e199]], &Device::Cpu)?;
+        // Half the mass moves three cells of width 5e199: W2 = √(1/2)·1.5e200.
+        close(
+            histogram_w2(&x, &y, &grid)?,
+            1.5e200 * 0.5f64.sqrt(),
+            "histogram W2",
+        );
+        Ok(())
+    }
+}
+
+/// An isotropic mixture in 100,000 dimensions: no d × d eigenbasis per component (it
+/// would take 80 GB), and the score is the closed form.
+#[test]
+fn isotropic_mixture_in_high_dimension() -> Result<()> {
+    let d = 100_000;
+    let m = GaussianMixture::new(vec![1.0], vec![vec![0.5; d]], vec![Covariance::Isotropic(2.0)])?;
+    let sde = VpSde::default();
+    let x = Tensor::ones((2, d), DType::F64, &Device::Cpu)?;
+    let t = Tensor::new(&[0.3f64, 0.3], &Device::Cpu)?;
+    let s = m.diffused(sde).score(&x, &t)?.to_vec2::<f64>()?;
+    let (alpha, sigma) = (sde.mean_coeff(0.3), sde.std(0.3));
+    let want = -(1.0 - alpha * 0.5) / (alpha * alpha * 2.0 + sigma * sigma);
+    assert!(s.iter().flatten().all(|v| (v - want).abs() < 1e-12 * want.abs()));
+    Ok(())
+}
