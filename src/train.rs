@@ -660,7 +660,9 @@ impl Trainer {
     /// Errors: [`Error::NonFiniteLoss`] naming the step when the loss becomes NaN or
     /// infinite (the weights are left as they were before that step);
     /// [`Error::NonFinite`] for non-finite data or gradients; [`Error::Shape`] for an
-    /// empty batch or a batch whose shape does not fit the model.
+    /// empty batch or a batch whose shape does not fit the model;
+    /// [`Error::InvalidParameter`] when no variable of the trainer received a gradient (the
+    /// model was built on another `VarMap`).
     pub fn fit<S, M, D>(
         &mut self,
         objective: &Objective<'_, S, M>,
@@ -735,6 +737,13 @@ impl Trainer {
                 }
             }
         }
+        if untrained.len() == self.params.len() {
+            // Nothing would move: the model does not read this trainer's variables.
+            return Err(Error::InvalidParameter(format!(
+                "no variable received a gradient at training step {step}: build the model from the \
+                 VarMap given to Trainer::new (a model on another VarMap trains nothing)"
+            )));
+        }
         let grad_norm = norm_sq.sqrt();
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite(format!(
@@ -801,7 +810,7 @@ impl Trainer {
     ///
     /// Errors with [`Error::Checkpoint`], changing nothing, if the file cannot be read or
     /// does not match this trainer's variables (a missing or extra variable, a different
-    /// shape or dtype).
+    /// shape or dtype), or holds a NaN or infinite value.
     pub fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let mut tensors = read_checkpoint(path, &self.device)?;
@@ -866,7 +875,8 @@ pub enum Weights {
 /// weights): the way to build a sampling model from a checkpoint without a trainer.
 ///
 /// Errors with [`Error::Checkpoint`], changing nothing, if the file cannot be read or its
-/// weights do not match the variables (missing, extra, different shape or dtype).
+/// weights do not match the variables (missing, extra, different shape or dtype) or are
+/// not finite.
 ///
 /// ```no_run
 /// use candle_core::{DType, Device};
@@ -948,6 +958,16 @@ fn take_matching(
             like.dims(),
             like.dtype()
         )));
+    }
+    // A NaN weight would load silently and turn every later score into NaN.
+    if value.dtype().is_float() {
+        let bad = value.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        if let Some(v) = bad.iter().find(|v| !v.is_finite()) {
+            return Err(Error::Checkpoint(format!(
+                "'{key}' in {} holds {v}: the run that wrote it had diverged; load an earlier checkpoint",
+                path.display()
+            )));
+        }
     }
     Ok(value)
 }

@@ -384,3 +384,83 @@ fn isotropic_mixture_in_high_dimension() -> Result<()> {
     assert!(s.iter().flatten().all(|v| (v - want).abs() < 1e-12 * want.abs()));
     Ok(())
 }
+
+mod training {
+    use super::*;
+    use scoresde::train::{load_weights, Objective, TrainConfig, Trainer, Weights};
+
+    fn small() -> MlpConfig {
+        MlpConfig {
+            width: 8,
+            depth: 1,
+            fourier_features: 4,
+            ..Default::default()
+        }
+    }
+
+    /// A model built on another VarMap than the trainer's trains nothing: an error, and
+    /// the trainer's variables stay as they were.
+    #[test]
+    fn fit_refuses_a_model_on_another_varmap() -> Result<()> {
+        let sde = VpSde::default();
+        let (theirs, ours) = (VarMap::new(), VarMap::new());
+        let model = MlpScore::new(builder(&theirs, DType::F64), sde, small())?;
+        let _bystander = MlpScore::new(builder(&ours, DType::F64), sde, small())?;
+        let before = ours
+            .all_vars()
+            .iter()
+            .map(|v| v.as_tensor().copy())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let config = TrainConfig {
+            batch_size: 16,
+            ..Default::default()
+        };
+        let mut trainer = Trainer::new(&ours, config)?;
+        let objective = Objective::new(&sde, &model);
+        invalid(
+            trainer.fit(&objective, &mixture(), 3, |_| {}),
+            "no variable received a gradient",
+        );
+        for (b, v) in before.iter().zip(ours.all_vars()) {
+            assert_eq!(
+                b.flatten_all()?.to_vec1::<f64>()?,
+                v.as_tensor().flatten_all()?.to_vec1::<f64>()?
+            );
+        }
+        Ok(())
+    }
+
+    /// A checkpoint whose weights hold a NaN is refused by both loaders.
+    #[test]
+    fn checkpoints_with_nan_weights_are_refused() -> Result<()> {
+        let sde = VpSde::default();
+        let vars = VarMap::new();
+        let _model = MlpScore::new(builder(&vars, DType::F32), sde, small())?;
+        let trainer = Trainer::new(&vars, TrainConfig::default())?;
+        let dir = std::env::temp_dir().join(format!("scoresde-robust-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let (good, bad) = (dir.join("good.safetensors"), dir.join("bad.safetensors"));
+        trainer.save_checkpoint(&good)?;
+        let mut tensors = candle_core::safetensors::load(&good, &Device::Cpu)?;
+        let key = "model/hidden.0.weight";
+        let w = &tensors[key];
+        let mut values = w.flatten_all()?.to_vec1::<f32>()?;
+        values[0] = f32::NAN;
+        let poisoned = Tensor::from_vec(values, w.shape(), &Device::Cpu)?;
+        tensors.insert(key.into(), poisoned);
+        candle_core::safetensors::save(&tensors, &bad)?;
+
+        let mut trainer = Trainer::new(&vars, TrainConfig::default())?;
+        trainer.load_checkpoint(&good)?;
+        let refused = |r: Result<()>| match r {
+            Err(Error::Checkpoint(msg)) => assert!(msg.contains(key) && msg.contains("NaN"), "{msg}"),
+            other => panic!("expected a checkpoint error, got {other:?}"),
+        };
+        refused(trainer.load_checkpoint(&bad));
+        refused(load_weights(&bad, &vars, Weights::Model));
+        // The EMA group of the same file is clean.
+        load_weights(&bad, &vars, Weights::Ema)?;
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}
