@@ -68,10 +68,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut objective = Objective::new(&sde, &model).with_loss(Dsm::default().with_eps(EPS)?);
             if workload == "fpe" {
                 let residual = ScoreFpe::new()
-                    .with_weighting(TimeWeighting::Constant)
-                    .with_normalization(false)
+                    .with_weighting(TimeWeighting::Constant)?
+                    .with_normalization(false)?
                     .with_divergence(Divergence::Exact)?
-                    .with_time_derivative(TimeDerivative::Autodiff);
+                    .with_time_derivative(TimeDerivative::Autodiff)?;
                 objective = objective.with_penalty(1e-3, residual)?;
             }
             let objective = objective.with_hand_written_gradients(!graph);

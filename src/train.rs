@@ -48,7 +48,7 @@
 //! the uninterrupted one would (the checkpoint holds the weights, the EMA weights, the
 //! optimizer's moments and the step count).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -66,7 +66,8 @@ use crate::{Error, Result, ScoreModel};
 /// One weighted penalty of an [`Objective`].
 struct Penalty<'a, S, M> {
     weight: f64,
-    regularizer: Box<dyn Regularizer<S, M> + 'a>,
+    // Send + Sync so that an objective can be shared with (or moved to) other threads.
+    regularizer: Box<dyn Regularizer<S, M> + Send + Sync + 'a>,
 }
 
 /// The training problem: `DSM + Σ λᵢ·penaltyᵢ` for a model under an SDE.
@@ -153,8 +154,13 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
     }
 
     /// Adds `weight · regularizer.penalty(x_t, t)` at the DSM batch's perturbed points.
-    /// Errors unless `weight` is finite and `≥ 0`.
-    pub fn with_penalty(mut self, weight: f64, regularizer: impl Regularizer<S, M> + 'a) -> Result<Self> {
+    /// Errors unless `weight` is finite and `≥ 0`. The regularizer must be `Send + Sync`
+    /// (all of this crate's are), so that the objective is too when the SDE and model are.
+    pub fn with_penalty(
+        mut self,
+        weight: f64,
+        regularizer: impl Regularizer<S, M> + Send + Sync + 'a,
+    ) -> Result<Self> {
         ensure(weight.is_finite() && weight >= 0.0, || {
             format!("a penalty weight must be finite and >= 0, got {weight}")
         })?;
@@ -187,8 +193,40 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
         self.evaluate_batch(batch, rng)
     }
 
-    /// Every term on an already perturbed batch.
-    fn evaluate_batch(&self, batch: DsmBatch, rng: &mut dyn RngCore) -> Result<Evaluation> {
+    /// Every term on a batch you supply: build a [`DsmBatch`] from your own `x₀`, times
+    /// and noise (`x_t` from [`Sde::perturb`](crate::sde::Sde::perturb)), or reuse the
+    /// batch of an earlier [`Evaluation`]. `rng` serves the penalties' own draws. Each term
+    /// of the result is differentiable: [`gradients`] gives the gradient of any one of
+    /// them, a penalty alone included.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use rand::{rngs::StdRng, SeedableRng};
+    /// use scoresde::loss::DsmBatch;
+    /// use scoresde::prelude::*;
+    /// use scoresde::regularizer::ScoreFpe;
+    /// use scoresde::train::gradients;
+    ///
+    /// let vars = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vars, DType::F64, &Device::Cpu);
+    /// let sde = VpSde::default();
+    /// let config = MlpConfig { width: 16, depth: 1, ..Default::default() };
+    /// let model = MlpScore::new(vb, sde, config)?;
+    /// let objective = Objective::new(&sde, &model).with_penalty(0.1, ScoreFpe::new())?;
+    ///
+    /// let x0 = Tensor::new(&[[0.5f64, -0.5], [1.0, 0.0]], &Device::Cpu)?;
+    /// let t = Tensor::new(&[0.3f64, 0.7], &Device::Cpu)?;
+    /// let noise = Tensor::new(&[[0.1f64, 0.2], [-0.3, 0.4]], &Device::Cpu)?;
+    /// let x_t = sde.perturb(&x0, &t, &noise)?;
+    /// let batch = DsmBatch { x0, x_t, t, noise };
+    /// let value = objective.evaluate_batch(batch, &mut StdRng::seed_from_u64(0))?;
+    /// // The gradient of the penalty alone, by variable name.
+    /// let g = gradients(&value.penalties[0], &vars)?;
+    /// assert!(g.contains_key("hidden.0.weight"));
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn evaluate_batch(&self, batch: DsmBatch, rng: &mut dyn RngCore) -> Result<Evaluation> {
         let dsm = self.loss.loss(self.sde, self.model, &batch)?;
         let mut total = dsm.clone();
         let mut penalties = Vec::with_capacity(self.penalties.len());
@@ -227,7 +265,7 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
     /// use scoresde::{sde::VpSde, train::Objective};
     /// let sde = VpSde::default();
     /// let model = |x: &Tensor, _t: &Tensor| Ok(x.neg()?);
-    /// let fpe = ScoreFpe::new().with_divergence(Divergence::Exact)?.with_time_derivative(TimeDerivative::Autodiff);
+    /// let fpe = ScoreFpe::new().with_divergence(Divergence::Exact)?.with_time_derivative(TimeDerivative::Autodiff)?;
     /// let objective = Objective::new(&sde, &model).with_penalty(1e-3, fpe)?;
     /// let mut rng = StdRng::seed_from_u64(0);
     /// let x0 = Tensor::new(&[[0.5f64, -0.5], [1.0, 0.0]], &Device::Cpu)?;
@@ -860,6 +898,22 @@ impl Trainer {
         self.step = step as usize;
         Ok(())
     }
+}
+
+/// The gradient of one scalar term (the total, the DSM term or one penalty of an
+/// [`Evaluation`]) with respect to every variable of `varmap` it depends on, by variable
+/// name, detached. Variables the term does not reach are absent.
+///
+/// See [`Objective::evaluate_batch`] for an example.
+pub fn gradients(term: &Tensor, varmap: &VarMap) -> Result<BTreeMap<String, Tensor>> {
+    ensure(term.elem_count() == 1, || {
+        format!("gradients needs a scalar term, got shape {:?}", term.dims())
+    })?;
+    let grads = term.backward()?;
+    Ok(lock_vars(varmap)?
+        .into_iter()
+        .filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name, g.detach())))
+        .collect())
 }
 
 /// Which weights of a checkpoint [`load_weights`] reads.

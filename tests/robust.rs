@@ -233,9 +233,9 @@ fn score_fpe_stencil_stays_before_end_time() -> Result<()> {
     let x = Tensor::new(&[[0.3f64, -0.2], [1.0, 0.5]], &Device::Cpu)?;
     let t = Tensor::new(&[1.0f64, 0.9999], &Device::Cpu)?;
     let mut rng = StdRng::seed_from_u64(0);
-    let fd = ScoreFpe::new().with_time_derivative(TimeDerivative::PAPER_STENCIL);
+    let fd = ScoreFpe::new().with_time_derivative(TimeDerivative::PAPER_STENCIL)?;
     let fd = fd.residual(&sde, &exact, &x, &t, &mut rng)?.to_vec2::<f64>()?;
-    let ad = ScoreFpe::new().with_time_derivative(TimeDerivative::Autodiff);
+    let ad = ScoreFpe::new().with_time_derivative(TimeDerivative::Autodiff)?;
     let ad = ad.residual(&sde, &exact, &x, &t, &mut rng)?.to_vec2::<f64>()?;
     for (a, b) in fd.iter().flatten().zip(ad.iter().flatten()) {
         assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
@@ -463,4 +463,52 @@ mod training {
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
+}
+
+/// An objective can be shared between threads.
+#[test]
+fn objective_is_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<scoresde::train::Objective<'static, VpSde, MlpScore<VpSde>>>();
+    send_sync::<scoresde::train::Objective<'static, OuSde, scoresde::GradientScore<MlpPotential>>>();
+}
+
+/// The gradient of one penalty alone, on a batch the user supplies, equals the gradient
+/// of the total minus that of the DSM term (λ = 1 here).
+#[test]
+fn one_penalty_gradient_on_a_supplied_batch() -> Result<()> {
+    use scoresde::autodiff::Divergence;
+    use scoresde::loss::DsmBatch;
+    use scoresde::train::{gradients, Objective};
+    let vars = VarMap::new();
+    let sde = VpSde::default();
+    let config = MlpConfig {
+        width: 8,
+        depth: 2,
+        fourier_features: 4,
+        ..Default::default()
+    };
+    let model = MlpScore::new(builder(&vars, DType::F64), sde, config)?;
+    let fpe = ScoreFpe::new()
+        .with_divergence(Divergence::Exact)?
+        .with_time_derivative(TimeDerivative::Autodiff)?;
+    let objective = Objective::new(&sde, &model).with_penalty(1.0, fpe)?;
+    let x0 = Tensor::new(&[[0.5f64, -0.5], [1.0, 0.0], [0.0, 2.0]], &Device::Cpu)?;
+    let t = Tensor::new(&[0.3f64, 0.7, 0.05], &Device::Cpu)?;
+    let noise = Tensor::new(&[[0.1f64, 0.2], [-0.3, 0.4], [1.0, -1.0]], &Device::Cpu)?;
+    let x_t = sde.perturb(&x0, &t, &noise)?;
+    let value = objective.evaluate_batch(DsmBatch { x0, x_t, t, noise }, &mut StdRng::seed_from_u64(0))?;
+    let (total, dsm, penalty) = (
+        gradients(&value.total, &vars)?,
+        gradients(&value.dsm, &vars)?,
+        gradients(&value.penalties[0], &vars)?,
+    );
+    assert_eq!(penalty.len(), 6); // 3 weights and 3 biases; the frequencies get none
+    for (name, g) in &penalty {
+        let want = (&total[name] - &dsm[name])?.flatten_all()?.to_vec1::<f64>()?;
+        for (a, b) in g.flatten_all()?.to_vec1::<f64>()?.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-9 * (1.0 + b.abs()), "{name}: {a} vs {b}");
+        }
+    }
+    Ok(())
 }

@@ -182,7 +182,7 @@ impl<O, Q> GapReport<O, Q> {
 /// let exact = data.diffused(sde);
 /// let fpe = ScoreFpe::new()
 ///     .with_divergence(Divergence::Exact)?
-///     .with_time_derivative(TimeDerivative::Autodiff);
+///     .with_time_derivative(TimeDerivative::Autodiff)?;
 /// let r = mean_penalty(&sde, &exact, &fpe, 0.05, &points, &mut rng)?;
 /// assert!(r < 1e-12); // the exact score satisfies the score FPE
 /// # Ok::<(), scoresde::Error>(())

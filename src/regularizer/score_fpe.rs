@@ -83,7 +83,7 @@ pub enum TimeWeighting {
 /// let x = exact.sample(8, 0.5, DType::F64, &Device::Cpu, &mut rng)?;
 /// let t = Tensor::full(0.5f64, 8, &Device::Cpu)?;
 ///
-/// let fpe = ScoreFpe::new().with_divergence(Divergence::Exact)?.with_time_derivative(TimeDerivative::Autodiff);
+/// let fpe = ScoreFpe::new().with_divergence(Divergence::Exact)?.with_time_derivative(TimeDerivative::Autodiff)?;
 /// let residual = fpe.residual(&sde, &exact, &x, &t, &mut rng)?; // [B, d]
 /// assert!(residual.abs()?.max_keepdim(0)?.max(1)?.to_vec1::<f64>()?[0] < 1e-8);
 /// # Ok::<(), scoresde::Error>(())
@@ -141,16 +141,31 @@ impl ScoreFpe {
         Ok(self)
     }
 
-    /// The time weighting `w(t)`.
-    pub fn with_weighting(mut self, weighting: TimeWeighting) -> Self {
+    /// The time weighting `w(t)`. Every builder method returns a `Result`, so a chain
+    /// reads the same whichever settings it touches (this one cannot fail).
+    ///
+    /// ```
+    /// use scoresde::regularizer::{ScoreFpe, TimeWeighting};
+    /// let fpe = ScoreFpe::new().with_weighting(TimeWeighting::Constant)?.with_normalization(false)?;
+    /// # let _ = fpe;
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn with_weighting(mut self, weighting: TimeWeighting) -> Result<Self> {
         self.weighting = weighting;
-        self
+        Ok(self)
     }
 
-    /// Whether to divide by `d^m` (default: yes).
-    pub fn with_normalization(mut self, normalize: bool) -> Self {
+    /// Whether to divide by `d^m` (default: yes). Cannot fail; a `Result` like every
+    /// builder method here.
+    ///
+    /// ```
+    /// let fpe = scoresde::regularizer::ScoreFpe::new().with_normalization(false)?;
+    /// # let _ = fpe;
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn with_normalization(mut self, normalize: bool) -> Result<Self> {
         self.normalize = normalize;
-        self
+        Ok(self)
     }
 
     /// How `∇·s` is computed.
@@ -160,10 +175,22 @@ impl ScoreFpe {
         Ok(self)
     }
 
-    /// How `∂_t s` is computed.
-    pub fn with_time_derivative(mut self, time_derivative: TimeDerivative) -> Self {
+    /// How `∂_t s` is computed. Errors unless the finite-difference steps are finite
+    /// and `> 0`.
+    ///
+    /// ```
+    /// use scoresde::regularizer::{ScoreFpe, TimeDerivative};
+    /// assert!(ScoreFpe::new().with_time_derivative(TimeDerivative::Autodiff).is_ok());
+    /// let bad = TimeDerivative::FiniteDifference { hs: 0.0, hd: 5e-4 };
+    /// assert!(ScoreFpe::new().with_time_derivative(bad).is_err());
+    /// ```
+    pub fn with_time_derivative(mut self, time_derivative: TimeDerivative) -> Result<Self> {
+        if let TimeDerivative::FiniteDifference { hs, hd } = time_derivative {
+            ensure_positive("the finite-difference step hs", hs)?;
+            ensure_positive("the finite-difference step hd", hd)?;
+        }
         self.time_derivative = time_derivative;
-        self
+        Ok(self)
     }
 
     /// The weight `β ≥ 0` of the official code's scalar term `‖φ‖₂` (default 0).
@@ -178,7 +205,8 @@ impl ScoreFpe {
     /// The residual `r(x, t) = ∂_t s − ∇_x[½g²(∇·s + ‖s‖²) − ⟨f, s⟩]` per point, shape
     /// `[B, d]` (flattened), still differentiable in the model's parameters.
     ///
-    /// `rng` draws the Hutchinson probes (unused with the exact divergence).
+    /// `rng` draws the Hutchinson probes (unused with the exact divergence; see
+    /// [`Self::residual_with_probes`] to pass none).
     pub fn residual<S: Sde, M: ScoreModel>(
         &self,
         sde: &S,
@@ -190,6 +218,39 @@ impl ScoreFpe {
         Ok(self.terms(sde, model, x, t, rng)?.residual)
     }
 
+    /// [`Self::residual`] with the Hutchinson probes given rather than drawn: none for the
+    /// exact divergence (so no generator is needed), otherwise those of
+    /// [`Divergence::draw_probes`] for `x`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::autodiff::Divergence;
+    /// use scoresde::regularizer::{ScoreFpe, TimeDerivative};
+    /// use scoresde::score::{Covariance, GaussianMixture};
+    /// use scoresde::sde::VpSde;
+    /// let sde = VpSde::default();
+    /// let exact = GaussianMixture::new(vec![1.0], vec![vec![0.0, 1.0]], vec![Covariance::Isotropic(0.5)])?
+    ///     .diffused(sde);
+    /// let fpe = ScoreFpe::new()
+    ///     .with_divergence(Divergence::Exact)?
+    ///     .with_time_derivative(TimeDerivative::Autodiff)?;
+    /// let x = Tensor::new(&[[0.3f64, -0.2]], &Device::Cpu)?;
+    /// let t = Tensor::new(&[0.4f64], &Device::Cpu)?;
+    /// let r = fpe.residual_with_probes(&sde, &exact, &x, &t, &[])?; // the true score: r = 0
+    /// assert!(r.abs()?.max_all()?.to_scalar::<f64>()? < 1e-9);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn residual_with_probes<S: Sde, M: ScoreModel>(
+        &self,
+        sde: &S,
+        model: &M,
+        x: &Tensor,
+        t: &Tensor,
+        probes: &[Tensor],
+    ) -> Result<Tensor> {
+        Ok(self.terms_with(sde, model, x, t, Probes::Given(probes))?.residual)
+    }
+
     fn terms<S: Sde, M: ScoreModel>(
         &self,
         sde: &S,
@@ -197,6 +258,17 @@ impl ScoreFpe {
         x: &Tensor,
         t: &Tensor,
         rng: &mut dyn RngCore,
+    ) -> Result<FpeTerms> {
+        self.terms_with(sde, model, x, t, Probes::Draw(rng))
+    }
+
+    fn terms_with<S: Sde, M: ScoreModel>(
+        &self,
+        sde: &S,
+        model: &M,
+        x: &Tensor,
+        t: &Tensor,
+        probes: Probes<'_, '_>,
     ) -> Result<FpeTerms> {
         check_points(x, t)?;
         let shape = x.shape().clone();
@@ -213,7 +285,23 @@ impl ScoreFpe {
                 shape.dims()
             )));
         }
-        let probes = self.divergence.draw_probes(&x, rng)?;
+        let probes = match probes {
+            Probes::Draw(rng) => self.divergence.draw_probes(&x, rng)?,
+            Probes::Given(given) => {
+                let wanted = match self.divergence {
+                    Divergence::Exact => 0,
+                    Divergence::Hutchinson { probes, .. } => probes,
+                };
+                if given.len() != wanted {
+                    return Err(Error::InvalidParameter(format!(
+                        "{wanted} probes expected for {:?}, got {}; draw them with Divergence::draw_probes",
+                        self.divergence,
+                        given.len()
+                    )));
+                }
+                given.to_vec()
+            }
+        };
         // With both derivatives by autodiff, one backward pass per coordinate serves both.
         let (divergence, ds_dt) = match (self.divergence, self.time_derivative) {
             (Divergence::Exact, TimeDerivative::Autodiff) => {
@@ -255,6 +343,12 @@ impl ScoreFpe {
             diffusion: g,
         })
     }
+}
+
+/// Where the Hutchinson probes of one evaluation come from.
+enum Probes<'p, 'r> {
+    Draw(&'r mut dyn RngCore),
+    Given(&'p [Tensor]),
 }
 
 impl<S: Sde, M: ScoreModel> Regularizer<S, M> for ScoreFpe {
