@@ -512,3 +512,15 @@ fn one_penalty_gradient_on_a_supplied_batch() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn cpu_settings_apply() {
+    let applied = scoresde::speed::apply_cpu_settings();
+    // This repository's .cargo/config.toml already sets CANDLE_NUM_THREADS: left alone.
+    assert!(!applied.candle_threads_set);
+    assert_eq!(std::env::var("CANDLE_NUM_THREADS").as_deref(), Ok("1"));
+    assert_eq!(
+        applied.malloc_tuned,
+        cfg!(all(target_os = "linux", target_env = "gnu"))
+    );
+}
