@@ -985,6 +985,167 @@ pub fn load_weights(path: impl AsRef<Path>, varmap: &VarMap, which: Weights) -> 
     Ok(())
 }
 
+/// The name map between the reference networks ([`MlpScore`](crate::score::MlpScore),
+/// [`MlpPotential`](crate::score::MlpPotential)) with `depth` hidden layers and a PyTorch
+/// `nn.Sequential` of `nn.Linear` layers with activations in between, for
+/// [`load_foreign_weights`]: `(ours, theirs)` pairs.
+///
+/// Ours are `{ours}.hidden.{i}.weight|bias` and `{ours}.output.weight|bias` (`ours` is the
+/// `VarBuilder` prefix, empty for none); theirs `{theirs}.{2i}.weight|bias` (activations
+/// hold no weights, so linear layers sit at the even indices) and
+/// `{theirs}.{2·depth}.weight|bias`. `nn.Linear` stores its weight as `[out, in]`, as
+/// candle does: nothing is transposed. Add `MlpScore`'s Fourier frequencies yourself
+/// (`time.frequencies`, e.g. score_sde's `GaussianFourierProjection.W`).
+///
+/// ```
+/// let names = scoresde::train::torch_sequential_names(1, "", "net");
+/// assert_eq!(names[0], ("hidden.0.weight".to_string(), "net.0.weight".to_string()));
+/// assert_eq!(names[3], ("output.bias".to_string(), "net.2.bias".to_string()));
+/// ```
+pub fn torch_sequential_names(depth: usize, ours: &str, theirs: &str) -> Vec<(String, String)> {
+    let join = |prefix: &str, name: &str| {
+        if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        }
+    };
+    let mut names = Vec::with_capacity(2 * depth + 2);
+    for layer in 0..=depth {
+        let our_layer = if layer < depth {
+            format!("hidden.{layer}")
+        } else {
+            "output".into()
+        };
+        for part in ["weight", "bias"] {
+            names.push((
+                join(ours, &format!("{our_layer}.{part}")),
+                join(theirs, &format!("{}.{part}", 2 * layer)),
+            ));
+        }
+    }
+    names
+}
+
+/// Loads weights written by another framework (a PyTorch `state_dict` saved with
+/// `safetensors.torch.save_file`) into the variables of `varmap`, taking each variable
+/// `ours` from the file's tensor `theirs` for every `(ours, theirs)` in `names`.
+///
+/// Every variable of `varmap` must have an entry, and every entry a variable and a tensor
+/// of the same shape; the file may hold more (optimizer state, buffers). Values are
+/// converted to the variables' dtype and must be finite. On any mismatch nothing is
+/// changed and [`Error::Checkpoint`] names the variable, the tensor and the shapes. The
+/// layout of the reference networks, for writing the conversion on the PyTorch side:
+/// `MlpScore`'s first layer reads `[x (d), sin(2πtw) (F/2), cos(2πtw) (F/2)]` and its
+/// output is divided by `σ(t)`; `MlpPotential`'s reads `[t, x]` and outputs one value.
+/// [`torch_sequential_names`] builds the map for an `nn.Sequential`.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use scoresde::score::{LogDensityModel, MlpPotential, PotentialConfig};
+/// use scoresde::train::{load_foreign_weights, torch_sequential_names};
+///
+/// // A "PyTorch" file: nn.Sequential(Linear(3, 4), Softplus, Linear(4, 1)) under "net".
+/// let dev = Device::Cpu;
+/// let file: HashMap<String, Tensor> = [
+///     ("net.0.weight", Tensor::ones((4, 3), DType::F32, &dev)?),
+///     ("net.0.bias", Tensor::zeros(4, DType::F32, &dev)?),
+///     ("net.2.weight", Tensor::ones((1, 4), DType::F32, &dev)?),
+///     ("net.2.bias", Tensor::new(&[0.5f32], &dev)?),
+/// ]
+/// .into_iter()
+/// .map(|(k, v)| (k.to_string(), v))
+/// .collect();
+/// let path = std::env::temp_dir().join("scoresde-foreign-doc.safetensors");
+/// candle_core::safetensors::save(&file, &path)?;
+///
+/// let vars = VarMap::new();
+/// let config = PotentialConfig { width: 4, depth: 1, ..Default::default() };
+/// let u = MlpPotential::new(VarBuilder::from_varmap(&vars, DType::F64, &dev), config)?;
+/// load_foreign_weights(&path, &vars, &torch_sequential_names(1, "", "net"))?;
+/// // u(0, 0) = 4·softplus(0) + 0.5 with softplus_β(0) = ln 2 / β.
+/// let zero = u.log_density(&Tensor::zeros((1, 2), DType::F64, &dev)?, &Tensor::zeros(1, DType::F64, &dev)?)?;
+/// assert!((zero.to_vec1::<f64>()?[0] - (0.5 + 4.0 * 2f64.ln() / 100.0)).abs() < 1e-6);
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+pub fn load_foreign_weights(
+    path: impl AsRef<Path>,
+    varmap: &VarMap,
+    names: &[(String, String)],
+) -> Result<()> {
+    let path = path.as_ref();
+    let vars = lock_vars(varmap)?;
+    let device = match vars.first() {
+        Some((_, v)) => v.device().clone(),
+        None => {
+            return Err(Error::InvalidParameter(
+                "the VarMap has no variables: build the model first".into(),
+            ))
+        }
+    };
+    let ours: HashMap<&str, &str> = names.iter().map(|(o, t)| (o.as_str(), t.as_str())).collect();
+    let unmapped: Vec<&str> = vars
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|n| !ours.contains_key(n))
+        .collect();
+    if !unmapped.is_empty() {
+        return Err(Error::Checkpoint(format!(
+            "the name map has no entry for the variables {unmapped:?}; add (ours, theirs) pairs for them"
+        )));
+    }
+    let known: Vec<&str> = vars.iter().map(|(name, _)| name.as_str()).collect();
+    if let Some((extra, _)) = names.iter().find(|(o, _)| !known.contains(&o.as_str())) {
+        return Err(Error::Checkpoint(format!(
+            "the name map names '{extra}', which the VarMap does not have (it has {known:?})"
+        )));
+    }
+    let tensors = read_checkpoint(path, &device)?;
+    let mut values = Vec::with_capacity(vars.len());
+    for (name, var) in &vars {
+        let theirs = ours[name.as_str()];
+        let Some(value) = tensors.get(theirs) else {
+            let mut available: Vec<&String> = tensors.keys().collect();
+            available.sort();
+            available.truncate(30);
+            return Err(Error::Checkpoint(format!(
+                "{} has no tensor '{theirs}' (for '{name}'); it has {available:?}",
+                path.display()
+            )));
+        };
+        let want = var.as_tensor().dims();
+        if value.dims() != want {
+            let transposed = value.rank() == 2 && value.dims().iter().rev().eq(want.iter());
+            return Err(Error::Checkpoint(format!(
+                "'{theirs}' in {} has shape {:?}, but '{name}' needs {want:?}{}",
+                path.display(),
+                value.dims(),
+                if transposed {
+                    " (it is transposed: weights are [out, in], as in nn.Linear)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let value = value.to_dtype(var.dtype())?;
+        let host = value.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        if let Some(v) = host.iter().find(|v| !v.is_finite()) {
+            return Err(Error::Checkpoint(format!(
+                "'{theirs}' in {} holds {v}",
+                path.display()
+            )));
+        }
+        values.push(value);
+    }
+    for ((_, var), value) in vars.iter().zip(values) {
+        var.set(&value)?;
+    }
+    Ok(())
+}
+
 fn read_checkpoint(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(path, device)
         .map_err(|e| Error::Checkpoint(format!("cannot read {} as safetensors: {e}", path.display())))

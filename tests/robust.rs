@@ -524,3 +524,80 @@ fn cpu_settings_apply() {
         cfg!(all(target_os = "linux", target_env = "gnu"))
     );
 }
+
+mod foreign {
+    use super::*;
+    use scoresde::train::{load_foreign_weights, torch_sequential_names};
+    use std::collections::HashMap;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!(
+            "scoresde-robust-{}-{name}.safetensors",
+            std::process::id()
+        ))
+    }
+
+    /// A "PyTorch" file holding another MlpScore's weights under nn.Sequential names
+    /// loads into a fresh model, which then computes the same scores; mismatches are
+    /// errors that name the tensors, and change nothing.
+    #[test]
+    fn mlp_score_from_torch_names() -> Result<()> {
+        let sde = VpSde::default();
+        let config = |seed| MlpConfig {
+            width: 8,
+            depth: 2,
+            fourier_features: 4,
+            seed,
+            ..Default::default()
+        };
+        let (source_vars, target_vars) = (VarMap::new(), VarMap::new());
+        let source = MlpScore::new(builder(&source_vars, DType::F32), sde, config(1))?;
+        let target = MlpScore::new(builder(&target_vars, DType::F64), sde, config(2))?;
+        let mut names = torch_sequential_names(2, "", "net");
+        names.push(("time.frequencies".into(), "embed.W".into()));
+        let data = source_vars.data().lock().unwrap();
+        let mut file: HashMap<String, Tensor> = names
+            .iter()
+            .map(|(ours, theirs)| (theirs.clone(), data[ours.as_str()].as_tensor().copy().unwrap()))
+            .collect();
+        drop(data);
+        file.insert("optimizer.step".into(), Tensor::new(&[3f32], &Device::Cpu)?); // ignored
+        let path = temp("good");
+        candle_core::safetensors::save(&file, &path)?;
+
+        let x = Tensor::new(&[[0.3f64, -0.2], [1.0, 2.0]], &Device::Cpu)?;
+        let t = Tensor::new(&[0.25f64, 0.75], &Device::Cpu)?;
+        let before = target.score(&x, &t)?.flatten_all()?.to_vec1::<f64>()?;
+        // Mismatches first: each is an error, and the target keeps its weights.
+        let mut transposed = file.clone();
+        transposed.insert("net.4.weight".into(), file["net.4.weight"].t()?.contiguous()?); // [2, 8] as [8, 2]
+        let bad = temp("transposed");
+        candle_core::safetensors::save(&transposed, &bad)?;
+        let checkpoint = |r: Result<()>, needle: &str| match r {
+            Err(Error::Checkpoint(msg)) => assert!(msg.contains(needle), "{msg:?} lacks {needle:?}"),
+            other => panic!("expected a checkpoint error mentioning {needle:?}, got {other:?}"),
+        };
+        checkpoint(load_foreign_weights(&bad, &target_vars, &names), "transposed");
+        let mut renamed = names.clone();
+        renamed[0].1 = "net.0.W".into();
+        checkpoint(
+            load_foreign_weights(&path, &target_vars, &renamed),
+            "no tensor 'net.0.W'",
+        );
+        checkpoint(
+            load_foreign_weights(&path, &target_vars, &names[1..]),
+            "no entry for the variables",
+        );
+        assert_eq!(target.score(&x, &t)?.flatten_all()?.to_vec1::<f64>()?, before);
+
+        load_foreign_weights(&path, &target_vars, &names)?;
+        let want = source.score(&x.to_dtype(DType::F32)?, &t.to_dtype(DType::F32)?)?;
+        let got = target.score(&x, &t)?.flatten_all()?.to_vec1::<f64>()?;
+        for (g, w) in got.iter().zip(want.flatten_all()?.to_vec1::<f32>()?) {
+            assert!((g - w as f64).abs() < 1e-5 * (1.0 + g.abs()), "{g} vs {w}");
+        }
+        std::fs::remove_file(&path)?;
+        std::fs::remove_file(&bad)?;
+        Ok(())
+    }
+}

@@ -386,6 +386,8 @@ impl Default for MlpConfig {
 ///
 /// Variables (under the builder's prefix): `time.frequencies` (fixed),
 /// `hidden.{i}.weight|bias`, `output.weight|bias`.
+/// Weights from PyTorch load with
+/// [`load_foreign_weights`](crate::train::load_foreign_weights).
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -722,6 +724,8 @@ impl Default for PotentialConfig {
 /// [`GradientScore`](crate::score::GradientScore).
 ///
 /// Variables (under the builder's prefix): `hidden.{i}.weight|bias`, `output.weight|bias`.
+/// Weights from PyTorch load with
+/// [`load_foreign_weights`](crate::train::load_foreign_weights).
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
