@@ -181,6 +181,16 @@ fn std_tensor_does_not_cancel_at_small_times() -> Result<()> {
             Ok(())
         };
     let (vp, sub) = (VpSde::default(), SubVpSde::default());
+    // The formula it replaced, sqrt(1 − e^{2L}) in f32, is visibly off at t = 1e-5.
+    let t5 = Tensor::new(&[1e-5f32], &Device::Cpu)?;
+    let log_alpha = (t5.sqr()? * (-0.25 * 19.9))?.add(&(&t5 * -0.05)?)?;
+    let naive = (log_alpha * 2.0)?
+        .exp()?
+        .affine(-1.0, 1.0)?
+        .sqrt()?
+        .to_vec1::<f32>()?[0] as f64;
+    let want = vp.std(1e-5f32 as f64);
+    assert!((naive - want).abs() / want > 1e-3, "naive {naive} vs {want}");
     check(&|t| vp.std_tensor(t), &|t| vp.std(t), "VP sigma")?;
     check(&|t| sub.std_tensor(t), &|t| sub.std(t), "sub-VP sigma")?;
     check(&|t| sub.diffusion_tensor(t), &|t| sub.diffusion(t), "sub-VP g")?;
