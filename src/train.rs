@@ -190,7 +190,7 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
     /// noise, then each penalty's) comes from `rng`, in that order.
     pub fn evaluate(&self, x0: &Tensor, rng: &mut dyn RngCore) -> Result<Evaluation> {
         let batch = self.loss.draw(self.sde, x0, rng)?;
-        self.evaluate_batch(batch, rng)
+        self.evaluate_drawn(batch, rng)
     }
 
     /// Every term on a batch you supply: build a [`DsmBatch`] from your own `x₀`, times
@@ -226,7 +226,31 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
     /// assert!(g.contains_key("hidden.0.weight"));
     /// # Ok::<(), scoresde::Error>(())
     /// ```
+    ///
+    /// The batch enters here and is checked once: `x0`, `x_t` and `noise` of one shape
+    /// `[B, …]` with `B > 0` and finite values, `t` of shape `[B]` in `[0, T]`.
     pub fn evaluate_batch(&self, batch: DsmBatch, rng: &mut dyn RngCore) -> Result<Evaluation> {
+        crate::solver::check_start(&batch.x_t)?;
+        for (tensor, name) in [(&batch.x0, "x0"), (&batch.noise, "noise")] {
+            crate::sde::check_same_shape(&batch.x_t, tensor, "x_t", name)?;
+            if !tensor
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?
+                .is_finite()
+            {
+                return Err(Error::NonFinite(format!(
+                    "the batch's {name} contains NaN or infinity"
+                )));
+            }
+        }
+        crate::sde::per_sample(&batch.t, &batch.x_t)?;
+        self.sde.check_times(&batch.t)?;
+        self.evaluate_drawn(batch, rng)
+    }
+
+    /// Every term on a batch drawn by the loss (so already in range).
+    fn evaluate_drawn(&self, batch: DsmBatch, rng: &mut dyn RngCore) -> Result<Evaluation> {
         let dsm = self.loss.loss(self.sde, self.model, &batch)?;
         let mut total = dsm.clone();
         let mut penalties = Vec::with_capacity(self.penalties.len());
@@ -323,7 +347,7 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
             }
             *rng = snapshot;
         }
-        let value = self.evaluate_batch(batch, rng)?;
+        let value = self.evaluate_drawn(batch, rng)?;
         let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         let values = StepValues {
             loss: scalar(&value.total)?,

@@ -302,6 +302,9 @@ fn ve_refuses_parameters_whose_derived_quantities_overflow() {
     invalid(VeSde::new(1e-10, 1e200), "finite"); // σ_max² overflows
     invalid(VeSde::default().with_end_time(1e3), "finite"); // σ(T) = 0.01·5000^1000
     assert!(VeSde::new(1e-3, 1e3).is_ok());
+    invalid(OuSde::new(1.0, 1e200, 10.0), "finite");
+    invalid(OuSde::new(1e-300, 1e10, 10.0), "finite");
+    assert!(OuSde::new(1e-3, 1e3, 10.0).is_ok());
 }
 
 mod metrics {
@@ -473,6 +476,49 @@ mod training {
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
+}
+
+/// A batch the user supplies enters at `evaluate_batch` and is checked there.
+#[test]
+fn supplied_batches_are_checked() -> Result<()> {
+    use scoresde::loss::DsmBatch;
+    use scoresde::train::Objective;
+    let sde = VpSde::default();
+    let model = |x: &Tensor, _t: &Tensor| Ok(x.neg()?); // checks nothing itself
+    let objective = Objective::new(&sde, &model);
+    let x = Tensor::new(&[[0.5f64, -0.5], [1.0, 0.0]], &Device::Cpu)?;
+    let batch = |t: &[f64], noise: &Tensor| DsmBatch {
+        x0: x.clone(),
+        x_t: x.clone(),
+        t: Tensor::new(t, &Device::Cpu).unwrap(),
+        noise: noise.clone(),
+    };
+    let mut rng = StdRng::seed_from_u64(0);
+    objective.evaluate_batch(batch(&[0.5, 1.0], &x), &mut rng)?;
+    // t = 0 would divide by σ(0) = 0 under the constant weighting; t < 0 is outside [0, T].
+    invalid(
+        objective.evaluate_batch(batch(&[-0.5, 1.0], &x), &mut rng),
+        "[0, T",
+    );
+    invalid(
+        objective.evaluate_batch(batch(&[0.5, 1.5], &x), &mut rng),
+        "[0, T",
+    );
+    let short = Tensor::new(&[[0.5f64, -0.5]], &Device::Cpu)?;
+    assert!(matches!(
+        objective.evaluate_batch(batch(&[0.5, 1.0], &short), &mut rng),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        objective.evaluate_batch(batch(&[0.5], &x), &mut rng),
+        Err(Error::Shape(_))
+    ));
+    let nan = Tensor::new(&[[f64::NAN, 0.0], [0.0, 0.0]], &Device::Cpu)?;
+    assert!(matches!(
+        objective.evaluate_batch(batch(&[0.5, 1.0], &nan), &mut rng),
+        Err(Error::NonFinite(_))
+    ));
+    Ok(())
 }
 
 /// An objective can be shared between threads.
