@@ -42,7 +42,7 @@ use crate::autodiff::{leaf, Divergence};
 use crate::error::{ensure, ensure_positive};
 use crate::sde::Sde;
 use crate::solver::{OdeSolution, OdeSolver, OdeSystem, ProbabilityFlow, Rk45};
-use crate::{Error, Result, ScoreModel};
+use crate::{Result, ScoreModel};
 
 /// Uniform dequantization of discrete data (score_sde's evaluation of 8-bit images).
 ///
@@ -329,13 +329,7 @@ impl<S: Sde, M: ScoreModel> OdeSystem for AugmentedFlow<'_, S, M> {
         let x = leaf(&y.narrow(1, 0, d)?.reshape(self.shape.as_slice())?)?;
         let times = crate::solver::time_like(t, &x)?;
         let score = self.model.score(&x, &times)?;
-        if score.shape() != x.shape() {
-            return Err(Error::Shape(format!(
-                "the score model returned shape {:?} for input {:?}",
-                score.dims(),
-                x.dims()
-            )));
-        }
+        crate::score::check_score(&score, &x)?;
         // Read, not trained through: first order is enough, unless the score is itself a
         // gradient, and then the model (GradientScore) checks second order for itself.
         let divergence = self.divergence.evaluate_first_order(&score, &x, &self.probes)?;

@@ -478,6 +478,27 @@ mod training {
     }
 }
 
+/// Training times stay in [ε, T] for every time sampling (Beta12's shift by ε could pass T).
+#[test]
+fn training_times_stay_before_end_time() -> Result<()> {
+    use scoresde::loss::{Dsm, TimeSampling};
+    let sde = VpSde::default();
+    for sampling in [TimeSampling::Uniform, TimeSampling::Beta12] {
+        let dsm = Dsm::default().with_time_sampling(sampling).with_eps(0.3)?;
+        let t = dsm.sample_times(
+            &sde,
+            20_000,
+            DType::F32,
+            &Device::Cpu,
+            &mut StdRng::seed_from_u64(5),
+        )?;
+        sde.check_times(&t)?;
+        let t = t.to_vec1::<f32>()?;
+        assert!(t.iter().all(|&v| (0.3..=1.0).contains(&v)), "{sampling:?}");
+    }
+    Ok(())
+}
+
 /// A batch the user supplies enters at `evaluate_batch` and is checked there.
 #[test]
 fn supplied_batches_are_checked() -> Result<()> {
@@ -656,4 +677,29 @@ mod foreign {
         std::fs::remove_file(&bad)?;
         Ok(())
     }
+}
+
+/// A model returning the wrong dtype or shape is named as such by the crate, not by a
+/// candle op further on.
+#[test]
+fn wrong_score_dtype_or_shape_is_named() -> Result<()> {
+    let sde = VpSde::default();
+    let x = Tensor::new(&[[0.3f64, -0.2], [1.0, 0.5]], &Device::Cpu)?;
+    let t = Tensor::new(&[0.5f64, 0.5], &Device::Cpu)?;
+    let f32_score = |x: &Tensor, _t: &Tensor| Ok(x.to_dtype(DType::F32)?.neg()?);
+    let wide_score = |x: &Tensor, _t: &Tensor| Ok(Tensor::cat(&[x, x], 1)?);
+    let fpe = ScoreFpe::new();
+    let mut rng = StdRng::seed_from_u64(0);
+    let named = |r: Result<Tensor>| match r {
+        Err(Error::Shape(msg)) => assert!(msg.contains("the score model returned"), "{msg}"),
+        other => panic!("expected the crate's shape error, got {other:?}"),
+    };
+    named(fpe.residual(&sde, &f32_score, &x, &t, &mut rng));
+    named(fpe.residual(&sde, &wide_score, &x, &t, &mut rng));
+    let likelihood = Likelihood::new();
+    match likelihood.evaluate(&sde, &f32_score, &x, &mut rng) {
+        Err(Error::Shape(msg)) => assert!(msg.contains("dtype F32"), "{msg}"),
+        other => panic!("expected the crate's shape error, got {other:?}"),
+    }
+    Ok(())
 }

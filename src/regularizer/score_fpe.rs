@@ -271,20 +271,13 @@ impl ScoreFpe {
         probes: Probes<'_, '_>,
     ) -> Result<FpeTerms> {
         check_points(x, t)?;
-        let shape = x.shape().clone();
         let x = leaf(&x.detach())?;
         let t_input = match self.time_derivative {
             TimeDerivative::Autodiff => leaf(&t.detach().to_dtype(x.dtype())?)?,
             TimeDerivative::FiniteDifference { .. } => t.detach().to_dtype(x.dtype())?,
         };
         let score = model.score(&x, &t_input)?;
-        if score.shape() != &shape {
-            return Err(Error::Shape(format!(
-                "the score model returned shape {:?} for input {:?}",
-                score.dims(),
-                shape.dims()
-            )));
-        }
+        crate::score::check_score(&score, &x)?;
         let probes = match probes {
             Probes::Draw(rng) => self.divergence.draw_probes(&x, rng)?,
             Probes::Given(given) => {

@@ -101,6 +101,22 @@ pub trait LogDensityModel {
     }
 }
 
+/// Checks a model's output against its input `x`: the same shape and dtype, so that a
+/// wrong model is named as such rather than surfacing as a candle op's mismatch later.
+pub(crate) fn check_score(score: &Tensor, x: &Tensor) -> Result<()> {
+    if score.shape() != x.shape() || score.dtype() != x.dtype() {
+        return Err(crate::Error::Shape(format!(
+            "the score model returned shape {:?} and dtype {:?} for x of shape {:?} and dtype {:?}; \
+             a score has x's shape and dtype",
+            score.dims(),
+            score.dtype(),
+            x.dims(),
+            x.dtype()
+        )));
+    }
+    Ok(())
+}
+
 mod mixture;
 mod mlp;
 mod pulse;

@@ -39,6 +39,9 @@ use crate::{Error, Result};
 ///
 /// Implementors give the scalar coefficients as `f64` functions and as differentiable
 /// tensor functions (which must agree); the rest is provided. See the [module docs](self).
+/// The coefficient functions are building blocks defined on `[0, T]` and do not check
+/// their argument; times are checked where they enter ([`Sde::check_times`], called by
+/// the models and by [`Sde::perturb`]).
 pub trait Sde {
     /// The end time `T` at which the prior is reached.
     fn end_time(&self) -> f64;
@@ -147,6 +150,8 @@ pub trait Sde {
     /// ```
     fn perturb(&self, x0: &Tensor, t: &Tensor, noise: &Tensor) -> Result<Tensor> {
         check_same_shape(x0, noise, "x0", "noise")?;
+        // Times enter here too (σ(t) of a negative time is NaN or a meaningless number).
+        self.check_times(t)?;
         let alpha = per_sample(&self.mean_coeff_tensor(t)?, x0)?;
         let sigma = per_sample(&self.std_tensor(t)?, x0)?;
         Ok((x0.broadcast_mul(&alpha)? + noise.broadcast_mul(&sigma)?)?)
