@@ -703,3 +703,177 @@ fn wrong_score_dtype_or_shape_is_named() -> Result<()> {
     }
     Ok(())
 }
+
+/// Hundreds of malformed inputs (shapes, dtypes, NaN, inf, huge values) against the public
+/// entry points: each gives an error or a finite result, never a panic.
+#[test]
+fn hostile_inputs_never_panic_nor_return_non_finite() -> Result<()> {
+    use scoresde::autodiff::{divergence_exact, leaf};
+    use scoresde::loss::Dsm;
+    use scoresde::metrics::{energy_distance, histogram_w2, mmd2_unbiased, sliced_w2, w2_exact, Grid};
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    let dev = Device::Cpu;
+    let mut inputs: Vec<(String, Tensor)> = Vec::new();
+    let shapes: [&[usize]; 7] = [&[], &[0], &[0, 2], &[3], &[3, 2], &[3, 3], &[2, 2, 1]];
+    for shape in shapes {
+        let n: usize = shape.iter().product();
+        for (label, value) in [
+            ("0.5", 0.5),
+            ("nan", f64::NAN),
+            ("inf", f64::INFINITY),
+            ("1e300", 1e300),
+        ] {
+            let base = Tensor::from_vec(vec![value; n], shape, &dev)?;
+            for dtype in [DType::F64, DType::F32, DType::U8, DType::F16] {
+                if let Ok(t) = base.to_dtype(dtype) {
+                    inputs.push((format!("{shape:?} {label} {dtype:?}"), t));
+                }
+            }
+        }
+    }
+    let sde = VpSde::default();
+    let exact = mixture().diffused(sde);
+    let net = MlpScore::new(builder(&VarMap::new(), DType::F32), sde, MlpConfig::default())?;
+    let potential = MlpPotential::new(builder(&VarMap::new(), DType::F64), PotentialConfig::default())?;
+    let good_x = Tensor::new(&[[0.3f64, -0.2], [1.0, 0.5], [0.0, 0.0]], &dev)?;
+    let good_t = Tensor::new(&[0.5f64, 0.5, 0.5], &dev)?;
+    let grid = Grid::new(-4.0, 4.0, 16)?;
+
+    let finite = |t: &Tensor| -> bool {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f64>())
+            .map(|v| v.iter().all(|x| x.is_finite()))
+            .unwrap_or(false)
+    };
+    let mut failures = Vec::new();
+    let mut calls = 0;
+    // Entry points promise a finite result or an error. Building blocks (a model's score,
+    // `perturb`, `divergence_exact`, a residual) follow IEEE arithmetic: NaN in, NaN out,
+    // and a value far beyond the data's scale may overflow; for them only "no panic".
+    let building_block = |what: &str| {
+        [
+            "mlp score x",
+            "mixture score x",
+            "perturb x",
+            "divergence",
+            "grad ",
+            "fpe residual x",
+        ]
+        .iter()
+        .any(|p| what.starts_with(p))
+    };
+    let mut check = |what: String, f: &mut dyn FnMut() -> std::result::Result<bool, Error>| {
+        calls += 1;
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Err(_) => failures.push(format!("{what}: panicked")),
+            Ok(Ok(false)) if !building_block(&what) => {
+                failures.push(format!("{what}: Ok with a non-finite result"))
+            }
+            Ok(_) => {}
+        }
+    };
+    for (label, bad) in &inputs {
+        let mut rng = StdRng::seed_from_u64(0);
+        check(format!("w2_exact {label}"), &mut || {
+            Ok(w2_exact(bad, &good_x)?.is_finite())
+        });
+        check(format!("sliced_w2 {label}"), &mut || {
+            Ok(sliced_w2(bad, bad, 5, &mut rng)?.is_finite())
+        });
+        check(format!("mmd2 {label}"), &mut || {
+            Ok(mmd2_unbiased(bad, &good_x, None)?.is_finite())
+        });
+        check(format!("energy {label}"), &mut || {
+            Ok(energy_distance(&good_x, bad)?.is_finite())
+        });
+        check(format!("histogram_w2 {label}"), &mut || {
+            Ok(histogram_w2(bad, &good_x, &grid)?.is_finite())
+        });
+        check(format!("mixture score x {label}"), &mut || {
+            Ok(finite(&exact.score(bad, &good_t)?))
+        });
+        check(format!("mixture score t {label}"), &mut || {
+            Ok(finite(&exact.score(&good_x, bad)?))
+        });
+        check(format!("mlp score x {label}"), &mut || {
+            Ok(finite(&net.score(bad, &good_t)?))
+        });
+        check(format!("mlp score t {label}"), &mut || {
+            Ok(finite(&net.score(&good_x, bad)?))
+        });
+        check(format!("potential t {label}"), &mut || {
+            Ok(finite(&potential.log_density(&good_x, bad)?))
+        });
+        check(format!("perturb x {label}"), &mut || {
+            Ok(finite(&sde.perturb(bad, &good_t, bad)?))
+        });
+        check(format!("perturb t {label}"), &mut || {
+            Ok(finite(&sde.perturb(&good_x, bad, &good_x)?))
+        });
+        check(format!("dsm draw {label}"), &mut || {
+            Ok(finite(&Dsm::default().draw(&sde, bad, &mut rng)?.x_t))
+        });
+        check(format!("fd t {label}"), &mut || {
+            Ok(finite(&time_derivative_fd(&exact, &good_x, bad, 1e-3, 5e-4)?))
+        });
+        check(format!("fpe residual x {label}"), &mut || {
+            Ok(finite(
+                &ScoreFpe::new().residual(&sde, &exact, bad, &good_t, &mut rng)?,
+            ))
+        });
+        check(format!("fpe residual t {label}"), &mut || {
+            Ok(finite(
+                &ScoreFpe::new().residual(&sde, &exact, &good_x, bad, &mut rng)?,
+            ))
+        });
+        check(format!("log-density FP {label}"), &mut || {
+            let fp = LogDensityFp::paper(3.5)?;
+            Ok(finite(&fp.penalty(
+                &OuSde::default(),
+                &potential,
+                bad,
+                &good_t,
+                &mut rng,
+            )?))
+        });
+        check(format!("likelihood {label}"), &mut || {
+            Ok(finite(
+                &Likelihood::new()
+                    .evaluate(&sde, &exact, bad, &mut rng)?
+                    .log_density,
+            ))
+        });
+        check(format!("divergence {label}"), &mut || {
+            let x = leaf(bad)?;
+            Ok(finite(&divergence_exact(&x.sqr()?, &x)?))
+        });
+        check(format!("divergence hutchinson {label}"), &mut || {
+            let x = leaf(bad)?;
+            let probes = [x.ones_like()?];
+            Ok(finite(&scoresde::autodiff::divergence_hutchinson(
+                &x.sqr()?,
+                &x,
+                &probes,
+            )?))
+        });
+        check(format!("grad {label}"), &mut || {
+            let x = leaf(bad)?;
+            Ok(finite(&scoresde::autodiff::grad(&x.sqr()?, &x)?))
+        });
+        check(format!("time_derivative_autodiff {label}"), &mut || {
+            Ok(finite(&scoresde::autodiff::time_derivative_autodiff(
+                &exact, &good_x, bad,
+            )?))
+        });
+    }
+    assert!(calls > 1000, "{calls} calls");
+    assert!(
+        failures.is_empty(),
+        "{} of {calls} calls failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
