@@ -42,7 +42,7 @@ use crate::autodiff::{leaf, Divergence};
 use crate::error::{ensure, ensure_positive};
 use crate::sde::Sde;
 use crate::solver::{OdeSolution, OdeSolver, OdeSystem, ProbabilityFlow, Rk45};
-use crate::{Result, ScoreModel};
+use crate::{Error, Result, ScoreModel};
 
 /// Uniform dequantization of discrete data (score_sde's evaluation of 8-bit images).
 ///
@@ -259,6 +259,15 @@ impl<O: OdeSolver> Likelihood<O> {
         let latent = end.narrow(1, 0, d)?;
         let delta = end.narrow(1, d, 1)?.squeeze(1)?;
         let log_density = (sde.prior_log_prob(&latent)? + delta)?;
+        // Points far beyond the data's scale have log-densities f64 cannot hold (|x|² of
+        // x ~ 1e300): an error, not −inf.
+        let values = log_density.to_vec1::<f64>()?;
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "the log-density of sample {i} is {v}: the point is too far from the model's data \
+                 (or the ODE blew up) for f64"
+            )));
+        }
         let offset = self.dequantization.map_or(0.0, |q| q.bits_offset());
         let bits_per_dim = log_density.affine(-1.0 / (d as f64 * std::f64::consts::LN_2), offset)?;
         Ok(LikelihoodEstimate {

@@ -382,6 +382,28 @@ mod metrics {
     }
 }
 
+/// Far from every component (|x| ~ 1e300) the exact score is still finite and right.
+#[test]
+fn mixture_score_far_away() -> Result<()> {
+    let m = GaussianMixture::new(vec![1.0], vec![vec![0.5, 0.0]], vec![Covariance::Isotropic(2.0)])?;
+    let sde = VpSde::default();
+    let x = Tensor::new(&[[1e300f64, -1e300], [3.0, 1.0]], &Device::Cpu)?;
+    let t = Tensor::new(&[0.3f64, 0.3], &Device::Cpu)?;
+    let s = m.diffused(sde).score(&x, &t)?.to_vec2::<f64>()?;
+    let (alpha, sigma) = (sde.mean_coeff(0.3), sde.std(0.3));
+    let var = alpha * alpha * 2.0 + sigma * sigma;
+    let want = [
+        [-(1e300 - alpha * 0.5) / var, 1e300 / var],
+        [-(3.0 - alpha * 0.5) / var, -1.0 / var],
+    ];
+    for (row, w) in s.iter().zip(want) {
+        for (g, w) in row.iter().zip(w) {
+            assert!((g - w).abs() <= 1e-12 * w.abs(), "{g} vs {w}");
+        }
+    }
+    Ok(())
+}
+
 /// An isotropic mixture in 100,000 dimensions: no d × d eigenbasis per component (it
 /// would take 80 GB), and the score is the closed form.
 #[test]

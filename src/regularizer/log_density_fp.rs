@@ -171,7 +171,8 @@ impl LogDensityFp {
     }
 
     /// The residual `R(x, t)` per point, `[B]`, still differentiable in the parameters.
-    /// `rng` draws Hutchinson probes (unused with the exact divergence).
+    /// `rng` draws Hutchinson probes (unused with the exact divergence; see
+    /// [`Self::residual_with_probes`] to pass none).
     pub fn residual<S: Sde, M: LogDensityModel>(
         &self,
         sde: &S,
@@ -181,6 +182,59 @@ impl LogDensityFp {
         rng: &mut dyn RngCore,
     ) -> Result<Tensor> {
         check_points(x, t)?;
+        let probes = self.divergence.draw_probes(x, rng)?;
+        self.residual_checked(sde, model, x, t, &probes)
+    }
+
+    /// [`Self::residual`] with the Hutchinson probes given rather than drawn: none for the
+    /// exact Laplacian (so no generator is needed), otherwise those of
+    /// [`Divergence::draw_probes`] for `x`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::regularizer::LogDensityFp;
+    /// use scoresde::score::{Covariance, GaussianMixture};
+    /// use scoresde::sde::OuSde;
+    /// let sde = OuSde::default();
+    /// let exact = GaussianMixture::new(vec![1.0], vec![vec![1.0, 0.0]], vec![Covariance::Isotropic(0.3)])?
+    ///     .diffused(sde);
+    /// let x = Tensor::new(&[[0.3f64, -0.2]], &Device::Cpu)?;
+    /// let t = Tensor::new(&[0.4f64], &Device::Cpu)?;
+    /// let r = LogDensityFp::new().residual_with_probes(&sde, &exact, &x, &t, &[])?; // exact: r = 0
+    /// assert!(r.abs()?.max_all()?.to_scalar::<f64>()? < 1e-9);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn residual_with_probes<S: Sde, M: LogDensityModel>(
+        &self,
+        sde: &S,
+        model: &M,
+        x: &Tensor,
+        t: &Tensor,
+        probes: &[Tensor],
+    ) -> Result<Tensor> {
+        check_points(x, t)?;
+        let wanted = match self.divergence {
+            Divergence::Exact => 0,
+            Divergence::Hutchinson { probes, .. } => probes,
+        };
+        if probes.len() != wanted {
+            return Err(Error::InvalidParameter(format!(
+                "{wanted} probes expected for {:?}, got {}; draw them with Divergence::draw_probes",
+                self.divergence,
+                probes.len()
+            )));
+        }
+        self.residual_checked(sde, model, x, t, probes)
+    }
+
+    fn residual_checked<S: Sde, M: LogDensityModel>(
+        &self,
+        sde: &S,
+        model: &M,
+        x: &Tensor,
+        t: &Tensor,
+        probes: &[Tensor],
+    ) -> Result<Tensor> {
         let x = leaf(&x.detach())?;
         let t_leaf = leaf(&t.detach().to_dtype(x.dtype())?)?;
         let u = model.log_density(&x, &t_leaf)?;
@@ -192,8 +246,7 @@ impl LogDensityFp {
             )));
         }
         let [score, du_dt] = grads(&u, [&x, &t_leaf])?;
-        let probes = self.divergence.draw_probes(&x, rng)?;
-        let laplacian = self.divergence.evaluate(&score, &x, &probes)?;
+        let laplacian = self.divergence.evaluate(&score, &x, probes)?;
 
         let t_plain = t.detach().to_dtype(x.dtype())?;
         let a = sde.drift_coeff_tensor(&t_plain)?;

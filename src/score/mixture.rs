@@ -350,7 +350,15 @@ impl<S: Sde> DiffusedMixture<S> {
             .broadcast_mul(&alpha.sqr()?)?
             .broadcast_add(&sigma.sqr()?)?;
         let whitened = (&projected / &variances)?;
-        let quadratic = (&projected * &whitened)?.sum(2)?;
+        // Capped at the dtype's largest value: far from every component (|x| ~ 1e300) the
+        // quadratic form overflows, and ∞ − ∞ in the log-sum-exp would make the score NaN
+        // although it is finite; below the cap (all sane inputs) nothing changes.
+        let largest = if dtype == DType::F64 {
+            f64::MAX
+        } else {
+            f32::MAX as f64
+        };
+        let quadratic = (&projected * &whitened)?.sum(2)?.clamp(0.0, largest)?;
         let log_det = variances.log()?.sum(2)?;
         let log_normal =
             (quadratic + log_det)?.affine(-0.5, -0.5 * d as f64 * (2.0 * std::f64::consts::PI).ln())?;
