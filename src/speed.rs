@@ -21,6 +21,13 @@
 //! in the shell that starts the program.
 
 /// What [`apply_cpu_settings`] did.
+///
+/// ```
+/// let applied = scoresde::speed::apply_cpu_settings();
+/// if !applied.malloc_tuned {
+///     eprintln!("not glibc: set nothing for malloc");
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuSettings {
     /// `CANDLE_NUM_THREADS` was unset and this call set it to `1` (`false`: it was

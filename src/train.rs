@@ -928,7 +928,20 @@ impl Trainer {
 /// [`Evaluation`]) with respect to every variable of `varmap` it depends on, by variable
 /// name, detached. Variables the term does not reach are absent.
 ///
-/// See [`Objective::evaluate_batch`] for an example.
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{linear, VarBuilder, VarMap};
+/// let vars = VarMap::new();
+/// let layer = linear(2, 1, VarBuilder::from_varmap(&vars, DType::F64, &Device::Cpu).pp("layer"))?;
+/// let x = Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu)?;
+/// let term = layer.forward(&x)?.sum_all()?; // w·x + b
+/// let g = scoresde::train::gradients(&term, &vars)?;
+/// assert_eq!(g["layer.weight"].to_vec2::<f64>()?, [[1.0, 2.0]]);
+/// assert_eq!(g["layer.bias"].to_vec1::<f64>()?, [1.0]);
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+///
+/// [`Objective::evaluate_batch`] shows it on a penalty.
 pub fn gradients(term: &Tensor, varmap: &VarMap) -> Result<BTreeMap<String, Tensor>> {
     ensure(term.elem_count() == 1, || {
         format!("gradients needs a scalar term, got shape {:?}", term.dims())

@@ -124,6 +124,14 @@ fn unscaled(value: f64, e: i32, what: &str) -> Result<f64> {
 
 /// The largest point sets [`w2_exact`] takes: its `n × n` cost matrix then holds 800 MB,
 /// and the `O(n³)` solve takes minutes.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use scoresde::metrics::{w2_exact, MAX_W2_EXACT_POINTS};
+/// let x = Tensor::zeros((MAX_W2_EXACT_POINTS + 1, 2), DType::F32, &Device::Cpu)?;
+/// assert!(w2_exact(&x, &x).is_err()); // refused before allocating
+/// # Ok::<(), scoresde::Error>(())
+/// ```
 pub const MAX_W2_EXACT_POINTS: usize = 10_000;
 
 fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
