@@ -596,6 +596,8 @@ pub struct Trainer {
     ema: VarMap,
     step: usize,
     untrained: Option<Vec<String>>,
+    /// The last step's gradients (before clipping), by variable name.
+    last_gradients: Vec<(String, Tensor)>,
     dtype: DType,
     device: Device,
 }
@@ -689,6 +691,7 @@ impl Trainer {
             ema,
             step: 0,
             untrained: None,
+            last_gradients: Vec::new(),
             dtype,
             device,
         })
@@ -715,6 +718,32 @@ impl Trainer {
     /// trainer (and are therefore never updated), or `None` before the first step.
     pub fn untrained_variables(&self) -> Option<&[String]> {
         self.untrained.as_deref()
+    }
+
+    /// The gradients of the last step, before clipping, by variable name (sorted; the
+    /// variables that got none are absent): what the optimizer was given. Empty before
+    /// the first step. Their global norm is the step's
+    /// [`grad_norm`](StepReport::grad_norm).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use scoresde::prelude::*;
+    /// let vars = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+    /// let sde = VpSde::default();
+    /// let model = MlpScore::new(vb, sde, MlpConfig { width: 16, depth: 1, ..Default::default() })?;
+    /// let mut trainer = Trainer::new(&vars, TrainConfig { batch_size: 32, ..Default::default() })?;
+    /// let report = trainer.step(&Objective::new(&sde, &model), &Checkerboard::default())?;
+    /// let mut squares = 0.0;
+    /// for (_name, g) in trainer.last_gradients() {
+    ///     squares += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    /// }
+    /// assert!((squares.sqrt() - report.grad_norm).abs() < 1e-4 * report.grad_norm);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn last_gradients(&self) -> &[(String, Tensor)] {
+        &self.last_gradients
     }
 
     /// Runs `steps` training steps on batches from `data`, calling `progress` after each.
@@ -822,8 +851,10 @@ impl Trainer {
             .config
             .ema_decay
             .min((1.0 + step as f64) / (10.0 + step as f64));
+        self.last_gradients.clear();
         for (p, g) in self.params.iter_mut().zip(gradients) {
             let Some(g) = g else { continue };
+            self.last_gradients.push((p.name.clone(), g.clone()));
             let g = match clip {
                 Some(c) => (g * c)?,
                 None => g,
