@@ -358,6 +358,19 @@ mod metrics {
         Ok(())
     }
 
+    /// A model whose penalty overflows gives an error from mean_penalty, not inf.
+    #[test]
+    fn mean_penalty_refuses_a_non_finite_penalty() -> Result<()> {
+        use scoresde::metrics::mean_penalty;
+        let sde = VpSde::default();
+        let huge = |x: &Tensor, _t: &Tensor| Ok((x.sqr()? * 1e300)?); // s = 1e300·x²
+        let fpe = ScoreFpe::new();
+        let data = Tensor::new(&[[1.0f64, 2.0], [0.5, -1.0]], &Device::Cpu)?;
+        let r = mean_penalty(&sde, &huge, &fpe, 0.05, &data, &mut StdRng::seed_from_u64(0));
+        assert!(matches!(r, Err(Error::NonFinite(_))), "{r:?}");
+        Ok(())
+    }
+
     #[test]
     fn w2_exact_bounds_its_cost_matrix() -> Result<()> {
         let n = MAX_W2_EXACT_POINTS + 1;
