@@ -100,3 +100,22 @@ pub(crate) fn ensure_positive(name: &str, value: f64) -> Result<()> {
         format!("{name} must be finite and > 0, got {value}")
     })
 }
+
+/// The most elements one up-front allocation of the crate takes (2³⁰: 8 GiB of f64). An
+/// absurd size becomes an error that names it instead of a capacity-overflow panic or an
+/// allocation abort.
+pub(crate) const MAX_ELEMENTS: usize = 1 << 30;
+
+/// The number of elements of `dims` (`what` names the allocation), or an error when it
+/// overflows `usize` or exceeds [`MAX_ELEMENTS`].
+pub(crate) fn checked_elements(dims: &[usize], what: &str) -> Result<usize> {
+    let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match count {
+        Some(n) if n <= MAX_ELEMENTS => Ok(n),
+        _ => Err(Error::InvalidParameter(format!(
+            "{what} of shape {dims:?} would hold {} elements; the limit is {MAX_ELEMENTS} (2^30): \
+             draw fewer or smaller samples, in batches",
+            count.map_or("more than usize::MAX".to_string(), |n| n.to_string())
+        ))),
+    }
+}

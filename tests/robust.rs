@@ -912,3 +912,36 @@ fn hostile_inputs_never_panic_nor_return_non_finite() -> Result<()> {
     );
     Ok(())
 }
+
+/// Absurd sizes are errors that name them, before anything is allocated.
+#[test]
+fn absurd_sizes_are_errors() -> Result<()> {
+    use scoresde::regularizer::Boundary;
+    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(0);
+    invalid(
+        scoresde::random::standard_normal((usize::MAX, 2), DType::F32, &dev, &mut rng),
+        "elements",
+    );
+    invalid(
+        scoresde::random::uniform((1 << 20, 1 << 20), 0.0, 1.0, DType::F32, &dev, &mut rng),
+        "1099511627776",
+    );
+    invalid(
+        mixture().sample(usize::MAX / 2, DType::F32, &dev, &mut rng),
+        "elements",
+    );
+    invalid(
+        VpSde::default().sample_prior((1 << 31, 1), DType::F32, &dev, &mut rng),
+        "elements",
+    );
+    let potential = MlpPotential::new(builder(&VarMap::new(), DType::F64), PotentialConfig::default())?;
+    let fp = LogDensityFp::paper(3.5)?.with_boundary(Some(Boundary::new(1.0, usize::MAX / 2)?));
+    let x = Tensor::zeros((2, 2), DType::F64, &dev)?;
+    let t = Tensor::new(&[0.5f64, 0.5], &dev)?;
+    invalid(
+        fp.penalty(&OuSde::default(), &potential, &x, &t, &mut rng),
+        "boundary points",
+    );
+    Ok(())
+}

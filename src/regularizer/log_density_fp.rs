@@ -374,8 +374,11 @@ fn face_points(
     // The per-sample size from the shape, not elem_count / B: the batch may be empty
     // (box collocation does not use its points).
     let d: usize = batch_shape(like)?.iter().skip(1).product();
-    let total = 2 * d * n;
-    let mut values = Vec::with_capacity(total * d);
+    let total = crate::error::checked_elements(&[2, d, n], "the boundary points")?;
+    let mut values = Vec::with_capacity(crate::error::checked_elements(
+        &[total, d],
+        "the boundary points",
+    )?);
     for face in 0..2 * d {
         let (axis, edge) = (face / 2, if face % 2 == 0 { low } else { high });
         for _ in 0..n {

@@ -202,6 +202,7 @@ impl GaussianMixture {
         rng: &mut R,
     ) -> Result<Tensor> {
         let d = self.dim;
+        crate::error::checked_elements(&[n, d], "a mixture sample")?;
         let weights: Vec<f64> = self.log_weights.iter().map(|l| l.exp()).collect();
         let pick = WeightedIndex::new(&weights)
             .map_err(|e| Error::InvalidParameter(format!("mixture weights: {e}")))?;
