@@ -355,6 +355,15 @@ impl Probe {
     }
 }
 
+/// The most Hutchinson probes [`Divergence::validate`] accepts.
+///
+/// ```
+/// use scoresde::autodiff::{Divergence, Probe, MAX_PROBES};
+/// let too_many = Divergence::Hutchinson { probe: Probe::Rademacher, probes: MAX_PROBES + 1 };
+/// assert!(too_many.validate().is_err());
+/// ```
+pub const MAX_PROBES: usize = 4096;
+
 /// How a divergence `∇·y` is computed: exactly, or by Hutchinson's estimator.
 ///
 /// One choice for every place that needs a divergence (likelihoods, both Fokker–Planck
@@ -398,6 +407,11 @@ impl Divergence {
         match self {
             Divergence::Hutchinson { probes: 0, .. } => Err(Error::InvalidParameter(
                 "Hutchinson's estimator needs at least one probe".into(),
+            )),
+            // Each probe costs a backward pass: beyond this the exact divergence is cheaper
+            // for any data this crate can hold, and usize::MAX probes would run for ever.
+            Divergence::Hutchinson { probes, .. } if *probes > MAX_PROBES => Err(Error::InvalidParameter(
+                format!("{probes} Hutchinson probes requested; at most {MAX_PROBES} (use Divergence::Exact)"),
             )),
             _ => Ok(()),
         }

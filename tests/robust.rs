@@ -943,5 +943,19 @@ fn absurd_sizes_are_errors() -> Result<()> {
         fp.penalty(&OuSde::default(), &potential, &x, &t, &mut rng),
         "boundary points",
     );
+    let wide = MlpConfig {
+        width: 1 << 31,
+        depth: 2,
+        ..Default::default()
+    };
+    invalid(
+        MlpScore::new(builder(&VarMap::new(), DType::F32), VpSde::default(), wide),
+        "elements",
+    );
+    let many = scoresde::autodiff::Divergence::Hutchinson {
+        probe: scoresde::autodiff::Probe::Rademacher,
+        probes: usize::MAX,
+    };
+    invalid(ScoreFpe::new().with_divergence(many), "probes");
     Ok(())
 }

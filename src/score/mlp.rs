@@ -135,6 +135,7 @@ fn seeded_parameter(vb: &VarBuilder, shape: &[usize], name: &str, values: Vec<f6
 /// A linear layer `y = xWᵀ + b` initialized as PyTorch's `nn.Linear`:
 /// `W, b ~ U(−1/√fan_in, 1/√fan_in)`.
 fn seeded_linear(vb: VarBuilder, fan_in: usize, fan_out: usize, rng: &mut StdRng) -> Result<Linear> {
+    crate::error::checked_elements(&[fan_out, fan_in], "a layer's weight")?;
     let bound = 1.0 / (fan_in as f64).sqrt();
     let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
     let weight_values = draw(fan_in * fan_out);
@@ -316,6 +317,7 @@ impl FourierFeatures {
             format!("the number of Fourier features must be even and >= 2, got {features}")
         })?;
         ensure_positive("the Fourier scale", scale)?;
+        crate::error::checked_elements(&[features / 2], "the Fourier frequencies")?;
         let mut rng = StdRng::seed_from_u64(seed);
         let values = (0..features / 2)
             .map(|_| scale * Distribution::<f64>::sample(&StandardNormal, &mut rng))
