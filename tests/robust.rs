@@ -873,6 +873,27 @@ fn hostile_inputs_never_panic_nor_return_non_finite() -> Result<()> {
                 &mut rng,
             )?))
         });
+        check(format!("trainer step {label}"), &mut || {
+            use scoresde::train::{Objective, TrainConfig, Trainer};
+            let vars = VarMap::new();
+            let small = MlpConfig {
+                width: 8,
+                depth: 1,
+                fourier_features: 4,
+                ..Default::default()
+            };
+            let model = MlpScore::new(builder(&vars, DType::F64), sde, small)?;
+            let mut trainer = Trainer::new(
+                &vars,
+                TrainConfig {
+                    batch_size: 3,
+                    ..Default::default()
+                },
+            )?;
+            let data = |_n: usize, _rng: &mut dyn rand::RngCore| Ok(bad.clone());
+            let report = trainer.step(&Objective::new(&sde, &model), &data)?;
+            Ok(report.loss.is_finite() && report.grad_norm.is_finite())
+        });
         check(format!("likelihood {label}"), &mut || {
             Ok(finite(
                 &Likelihood::new()
