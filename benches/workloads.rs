@@ -81,10 +81,10 @@ fn training(c: &mut Criterion) {
     });
     let residual = ScoreFpe::new()
         .with_weighting(TimeWeighting::Constant)
-        .with_normalization(false)
-        .with_divergence(Divergence::Exact)
-        .unwrap()
-        .with_time_derivative(TimeDerivative::Autodiff);
+        .and_then(|f| f.with_normalization(false))
+        .and_then(|f| f.with_divergence(Divergence::Exact))
+        .and_then(|f| f.with_time_derivative(TimeDerivative::Autodiff))
+        .unwrap();
     let fpe = Objective::new(&sde, &model)
         .with_loss(loss)
         .with_penalty(1e-3, residual.clone())

@@ -181,12 +181,12 @@ fn run() -> BoxResult<()> {
     // 4. Score-FPE fine-tuning of the EMA model.
     if s.fpe_steps > 0 {
         let fpe = ScoreFpe::new()
-            .with_weighting(TimeWeighting::Constant)
+            .with_weighting(TimeWeighting::Constant)?
             .with_divergence(Divergence::Hutchinson {
                 probe: Probe::Rademacher,
                 probes: 1,
             })?
-            .with_time_derivative(TimeDerivative::PAPER_STENCIL);
+            .with_time_derivative(TimeDerivative::PAPER_STENCIL)?;
         let before = residual(&sde, &ema, &test, &fpe)?;
         let tune_config = TrainConfig {
             batch_size: 16,

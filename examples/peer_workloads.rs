@@ -83,10 +83,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut objective = Objective::new(&sde, &model).with_loss(Dsm::default().with_eps(EPS)?);
             if workload == "fpe" {
                 let residual = ScoreFpe::new()
-                    .with_weighting(TimeWeighting::Constant)
-                    .with_normalization(false)
+                    .with_weighting(TimeWeighting::Constant)?
+                    .with_normalization(false)?
                     .with_divergence(Divergence::Exact)?
-                    .with_time_derivative(TimeDerivative::Autodiff);
+                    .with_time_derivative(TimeDerivative::Autodiff)?;
                 objective = objective.with_penalty(1e-3, residual)?;
             }
             let objective = objective.with_hand_written_gradients(!graph);
@@ -137,12 +137,12 @@ fn unet(workload: &str, sde: VpSde) -> Result<(), Box<dyn std::error::Error>> {
             let batch = if workload == "dsm" { 64 } else { 16 };
             if workload == "fpe" {
                 let residual = ScoreFpe::new()
-                    .with_weighting(TimeWeighting::Constant)
+                    .with_weighting(TimeWeighting::Constant)?
                     .with_divergence(Divergence::Hutchinson {
                         probe: scoresde::autodiff::Probe::Rademacher,
                         probes: 1,
                     })?
-                    .with_time_derivative(TimeDerivative::FiniteDifference { hs: 1e-3, hd: 1e-3 });
+                    .with_time_derivative(TimeDerivative::FiniteDifference { hs: 1e-3, hd: 1e-3 })?;
                 objective = objective.with_penalty(1e-3, residual)?;
             }
             let config = TrainConfig {

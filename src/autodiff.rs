@@ -166,10 +166,15 @@ fn checked_grads<const N: usize>(func: &str, y: &Tensor, leaves: [&Tensor; N]) -
 
 /// [`grads`] without its checks and the guard (zeros for a leaf `y` does not depend on).
 fn grads_unguarded<const N: usize>(y: &Tensor, leaves: [&Tensor; N]) -> Result<[Tensor; N]> {
-    let grads = y.sum_all()?.backward()?;
+    // candle's backward panics on some empty tensors; an empty y has zero gradients.
+    let grads = if y.elem_count() == 0 {
+        None
+    } else {
+        Some(y.sum_all()?.backward()?)
+    };
     let mut out = Vec::with_capacity(N);
     for x in leaves {
-        out.push(match grads.get(x) {
+        out.push(match grads.as_ref().and_then(|g| g.get(x)) {
             Some(g) => g.clone(),
             None => x.zeros_like()?,
         });
@@ -250,6 +255,12 @@ fn vjp_unguarded(y: &Tensor, x: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// ```
 pub fn divergence_exact(y: &Tensor, x: &Tensor) -> Result<Tensor> {
     ensure_higher_order_gradients()?;
+    divergence_exact_unguarded(y, x)
+}
+
+/// [`divergence_exact`] without the guard, for a caller that neither trains through the
+/// result nor differentiates a score that is itself a gradient (which guards itself).
+fn divergence_exact_unguarded(y: &Tensor, x: &Tensor) -> Result<Tensor> {
     let (b, d) = check_same_batched_shape("divergence_exact", y, x)?;
     check_leaf("divergence_exact", x)?;
     check_float("divergence_exact", "y", y)?;
@@ -344,6 +355,15 @@ impl Probe {
     }
 }
 
+/// The most Hutchinson probes [`Divergence::validate`] accepts.
+///
+/// ```
+/// use scoresde::autodiff::{Divergence, Probe, MAX_PROBES};
+/// let too_many = Divergence::Hutchinson { probe: Probe::Rademacher, probes: MAX_PROBES + 1 };
+/// assert!(too_many.validate().is_err());
+/// ```
+pub const MAX_PROBES: usize = 4096;
+
 /// How a divergence `∇·y` is computed: exactly, or by Hutchinson's estimator.
 ///
 /// One choice for every place that needs a divergence (likelihoods, both Fokker–Planck
@@ -388,6 +408,11 @@ impl Divergence {
             Divergence::Hutchinson { probes: 0, .. } => Err(Error::InvalidParameter(
                 "Hutchinson's estimator needs at least one probe".into(),
             )),
+            // Each probe costs a backward pass: beyond this the exact divergence is cheaper
+            // for any data this crate can hold, and usize::MAX probes would run for ever.
+            Divergence::Hutchinson { probes, .. } if *probes > MAX_PROBES => Err(Error::InvalidParameter(
+                format!("{probes} Hutchinson probes requested; at most {MAX_PROBES} (use Divergence::Exact)"),
+            )),
             _ => Ok(()),
         }
     }
@@ -406,6 +431,16 @@ impl Divergence {
         match self {
             Divergence::Exact => divergence_exact(y, x),
             Divergence::Hutchinson { .. } => divergence_hutchinson(y, x, probes),
+        }
+    }
+
+    /// [`Self::evaluate`] for a result that is only read, never trained through: first-order
+    /// gradients suffice, so no guard. A score that is itself a gradient
+    /// ([`GradientScore`](crate::GradientScore) on a leaf) checks for itself.
+    pub(crate) fn evaluate_first_order(&self, y: &Tensor, x: &Tensor, probes: &[Tensor]) -> Result<Tensor> {
+        match self {
+            Divergence::Exact => divergence_exact_unguarded(y, x),
+            Divergence::Hutchinson { .. } => divergence_hutchinson_unguarded(y, x, probes),
         }
     }
 }
@@ -431,6 +466,11 @@ impl Divergence {
 /// ```
 pub fn divergence_hutchinson(y: &Tensor, x: &Tensor, probes: &[Tensor]) -> Result<Tensor> {
     ensure_higher_order_gradients()?;
+    divergence_hutchinson_unguarded(y, x, probes)
+}
+
+/// [`divergence_hutchinson`] without the guard (see [`divergence_exact_unguarded`]).
+fn divergence_hutchinson_unguarded(y: &Tensor, x: &Tensor, probes: &[Tensor]) -> Result<Tensor> {
     let (b, d) = check_same_batched_shape("divergence_hutchinson", y, x)?;
     check_leaf("divergence_hutchinson", x)?;
     if probes.is_empty() {
@@ -534,23 +574,26 @@ pub(crate) fn divergence_and_time_derivative(s: &Tensor, x: &Tensor, t: &Tensor)
 ///
 /// Second-order accurate: the error is `hs·hd/6 · ∂ₜ³s` plus rounding of order
 /// `ε·|s| / min(hs, hd)`. Use [`DEFAULT_FD_HS`] and [`DEFAULT_FD_HD`] unless you have a
-/// reason not to. Where `0 < t < 2·hs` the backward step becomes `t/2` (per sample), so the
-/// stencil never evaluates the model before time 0; `t + hd` must stay where the model is
-/// defined. Three score
-/// evaluations and no backward pass, so no guard here (the model's own derivatives, e.g.
-/// [`GradientScore`](crate::GradientScore), check for themselves); the result stays in the
-/// graph of the three evaluations.
+/// reason not to. The stencil never evaluates the model before time 0: where
+/// `0 < t < 2·hs` the backward step becomes `t/2` (per sample), and at `t = 0` it is
+/// one-sided, `[4·s(t+hd) − 3·s(t) − s(t+2hd)] / (2hd)`; negative times are an error.
+/// `t + hd` must stay where the model is defined (the score-FPE regularizer, which knows
+/// `T`, switches to two backward points where `t + hd > T`). Every variant is exact for
+/// quadratics in `t`. Three score evaluations and no backward pass, so no guard here (the
+/// model's own derivatives, e.g. [`GradientScore`](crate::GradientScore), check for
+/// themselves); the result stays in the graph of the three evaluations.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
 /// use scoresde::autodiff::{time_derivative_fd, DEFAULT_FD_HD, DEFAULT_FD_HS};
 /// // s(x, t) = t²·x: ∂s/∂t = 2t·x, and the stencil is exact for quadratics in t.
 /// let model = |x: &Tensor, t: &Tensor| Ok(x.broadcast_mul(&t.sqr()?.unsqueeze(1)?)?);
-/// let x = Tensor::new(&[[1.0f64, -2.0]], &Device::Cpu)?;
-/// let t = Tensor::new(&[0.5f64], &Device::Cpu)?;
+/// let x = Tensor::new(&[[1.0f64, -2.0], [1.0, 1.0]], &Device::Cpu)?;
+/// let t = Tensor::new(&[0.5f64, 0.0], &Device::Cpu)?; // t = 0: one-sided
 /// let ds = time_derivative_fd(&model, &x, &t, DEFAULT_FD_HS, DEFAULT_FD_HD)?;
 /// let ds = ds.to_vec2::<f64>()?;
 /// assert!((ds[0][0] - 1.0).abs() < 1e-9 && (ds[0][1] + 2.0).abs() < 1e-9);
+/// assert!(ds[1][0].abs() < 1e-9);
 /// # Ok::<(), scoresde::Error>(())
 /// ```
 pub fn time_derivative_fd<M: ScoreModel + ?Sized>(
@@ -560,6 +603,19 @@ pub fn time_derivative_fd<M: ScoreModel + ?Sized>(
     hs: f64,
     hd: f64,
 ) -> Result<Tensor> {
+    time_derivative_fd_within(model, x, t, hs, hd, f64::INFINITY)
+}
+
+/// [`time_derivative_fd`] for a model defined on `[0, end]`: where `t + hd > end`, the
+/// forward point moves to the middle of the backward step (two backward points).
+pub(crate) fn time_derivative_fd_within<M: ScoreModel + ?Sized>(
+    model: &M,
+    x: &Tensor,
+    t: &Tensor,
+    hs: f64,
+    hd: f64,
+    end: f64,
+) -> Result<Tensor> {
     crate::error::ensure(hs.is_finite() && hs > 0.0, || {
         format!("time_derivative_fd: hs must be positive and finite, got {hs}")
     })?;
@@ -568,50 +624,78 @@ pub fn time_derivative_fd<M: ScoreModel + ?Sized>(
     })?;
     check_x_t("time_derivative_fd", x, t)?;
     check_float("time_derivative_fd", "t", t)?;
-    // Near t = 0 the backward step shrinks to t/2, so that no evaluation falls before time
-    // 0 (where VP's σ(t) is not defined); the stencil stays exact for quadratics.
     let times = t.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let backward_steps: Vec<f64> = times
-        .iter()
-        .map(|&ti| if ti > 0.0 && ti < 2.0 * hs { ti / 2.0 } else { hs })
-        .collect();
-    let s_forward = model.score(x, &(t + hd)?)?;
-    if hs == hd && backward_steps.iter().all(|&h| h == hs) {
-        // Equal steps: the central difference, whose centre coefficient is zero, so the
+    // Per sample, the offsets (p, q) of the two points beside t: (hd, −hs) inside; near 0
+    // the backward step shrinks to t/2, and at 0 the second point goes forward to 2hd;
+    // near `end` the forward point moves to q/2.
+    let mut offsets = Vec::with_capacity(times.len());
+    for &ti in &times {
+        crate::error::ensure(ti.is_finite() && ti >= 0.0, || {
+            format!("time_derivative_fd: times must be finite and >= 0, got {ti}")
+        })?;
+        let q = if ti >= 2.0 * hs {
+            -hs
+        } else if ti > 0.0 {
+            -ti / 2.0
+        } else {
+            2.0 * hd
+        };
+        let p = if ti + hd <= end {
+            hd
+        } else if q < 0.0 {
+            q / 2.0
+        } else {
+            return Err(Error::InvalidParameter(format!(
+                "time_derivative_fd: the step hd = {hd} does not fit in [0, T = {end}]; use a smaller hd"
+            )));
+        };
+        offsets.push((p, q));
+    }
+    // Lagrange weights of the derivative at t for the nodes t + p, t, t + q.
+    let weights = |(p, q): (f64, f64)| {
+        let (wp, wq) = (q / (p * (q - p)), -p / (q * (q - p)));
+        (wp, -(wp + wq), wq)
+    };
+    let (w_forward, w_center, w_backward) = weights((hd, -hs));
+    if hs == hd && offsets.iter().all(|&o| o == (hd, -hs)) {
+        // Equal steps: the central difference, whose centre weight is zero, so the
         // evaluation at t (and its share of every backward pass) is skipped.
+        let s_forward = model.score(x, &(t + hd)?)?;
         let s_backward = model.score(x, &(t - hs)?)?;
         for s in [&s_forward, &s_backward] {
             check_score_shape("time_derivative_fd", s, x)?;
         }
-        return Ok(((s_forward - s_backward)? * (0.5 / hs))?);
+        return Ok(((s_forward * w_forward)? + (s_backward * w_backward)?)?);
     }
-    let s_center = model.score(x, t)?;
-    if backward_steps.iter().all(|&h| h == hs) {
+    if offsets.iter().all(|&o| o == (hd, -hs)) {
+        let s_forward = model.score(x, &(t + hd)?)?;
+        let s_center = model.score(x, t)?;
         let s_backward = model.score(x, &(t - hs)?)?;
         for s in [&s_forward, &s_center, &s_backward] {
             check_score_shape("time_derivative_fd", s, x)?;
         }
-        let denom = hs * hd * (hd + hs);
-        let forward = (s_forward * (hs * hs / denom))?;
-        let center = (s_center * ((hd * hd - hs * hs) / denom))?;
-        let backward = (s_backward * (hd * hd / denom))?;
-        return Ok(((forward + center)? - backward)?);
+        let forward = (s_forward * w_forward)?;
+        let center = (s_center * w_center)?;
+        let backward = (s_backward * w_backward)?;
+        return Ok(((forward + center)? + backward)?);
     }
-    let per_point = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
-        let c: Vec<f64> = backward_steps.iter().map(|&h| f(h)).collect();
+    let per_point = |f: &dyn Fn((f64, f64)) -> f64| -> Result<Tensor> {
+        let c: Vec<f64> = offsets.iter().map(|&o| f(o)).collect();
         Ok(Tensor::from_vec(c, times.len(), t.device())?)
     };
-    let coefficients = |f: &dyn Fn(f64) -> f64| per_sample(&per_point(f)?, x);
-    let t_backward = (t - per_point(&|h| h)?.to_dtype(t.dtype())?)?;
+    let coefficients = |f: &dyn Fn((f64, f64)) -> f64| per_sample(&per_point(f)?, x);
+    let t_forward = (t + per_point(&|(p, _)| p)?.to_dtype(t.dtype())?)?;
+    let t_backward = (t + per_point(&|(_, q)| q)?.to_dtype(t.dtype())?)?;
+    let s_forward = model.score(x, &t_forward)?;
+    let s_center = model.score(x, t)?;
     let s_backward = model.score(x, &t_backward)?;
     for s in [&s_forward, &s_center, &s_backward] {
         check_score_shape("time_derivative_fd", s, x)?;
     }
-    let denom = |h: f64| h * hd * (hd + h);
-    let forward = s_forward.broadcast_mul(&coefficients(&|h| h * h / denom(h))?)?;
-    let center = s_center.broadcast_mul(&coefficients(&|h| (hd * hd - h * h) / denom(h))?)?;
-    let backward = s_backward.broadcast_mul(&coefficients(&|h| hd * hd / denom(h))?)?;
-    Ok(((forward + center)? - backward)?)
+    let forward = s_forward.broadcast_mul(&coefficients(&|o| weights(o).0)?)?;
+    let center = s_center.broadcast_mul(&coefficients(&|o| weights(o).1)?)?;
+    let backward = s_backward.broadcast_mul(&coefficients(&|o| weights(o).2)?)?;
+    Ok(((forward + center)? + backward)?)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@
 /// let err = VpSde::new(20.0, 0.1).unwrap_err(); // inverted β range
 /// assert!(matches!(err, Error::InvalidParameter(_)));
 /// assert!(err.to_string().contains("beta_min"));
+/// // Debug (what `fn main() -> scoresde::Result<()>` prints) carries the same text.
+/// assert!(format!("{err:?}").contains("beta_min"));
 /// ```
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum Error {
     /// A constructor or function got a hyperparameter outside its valid range.
     #[error("invalid parameter: {0}")]
@@ -75,6 +77,27 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+/// Debug prints the variant and the Display text: `fn main() -> scoresde::Result<()>`
+/// reports an error with `{:?}`, and the Display text is where the instructions are.
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let variant = match self {
+            Self::InvalidParameter(_) => "InvalidParameter",
+            Self::Shape(_) => "Shape",
+            Self::NonFinite(_) => "NonFinite",
+            Self::StepSizeUnderflow { .. } => "StepSizeUnderflow",
+            Self::HigherOrderGradientsUnavailable => "HigherOrderGradientsUnavailable",
+            Self::Checkpoint(_) => "Checkpoint",
+            Self::NonFiniteLoss { .. } => "NonFiniteLoss",
+            Self::Candle(_) => "Candle",
+            Self::Io(_) => "Io",
+            Self::Data(_) => "Data",
+            Self::EvaluationBudget { .. } => "EvaluationBudget",
+        };
+        write!(f, "{variant}: {self}")
+    }
+}
+
 /// `Result` with the crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -92,4 +115,23 @@ pub(crate) fn ensure_positive(name: &str, value: f64) -> Result<()> {
     ensure(value.is_finite() && value > 0.0, || {
         format!("{name} must be finite and > 0, got {value}")
     })
+}
+
+/// The most elements one up-front allocation of the crate takes (2³⁰: 8 GiB of f64). An
+/// absurd size becomes an error that names it instead of a capacity-overflow panic or an
+/// allocation abort.
+pub(crate) const MAX_ELEMENTS: usize = 1 << 30;
+
+/// The number of elements of `dims` (`what` names the allocation), or an error when it
+/// overflows `usize` or exceeds [`MAX_ELEMENTS`].
+pub(crate) fn checked_elements(dims: &[usize], what: &str) -> Result<usize> {
+    let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match count {
+        Some(n) if n <= MAX_ELEMENTS => Ok(n),
+        _ => Err(Error::InvalidParameter(format!(
+            "{what} of shape {dims:?} would hold {} elements; the limit is {MAX_ELEMENTS} (2^30): \
+             draw fewer or smaller samples, in batches",
+            count.map_or("more than usize::MAX".to_string(), |n| n.to_string())
+        ))),
+    }
 }

@@ -93,6 +93,7 @@
 //! | [`likelihood`] | log-density and bits/dim through the probability-flow ODE |
 //! | [`regularizer`] | penalties added to the training loss |
 //! | [`random`] | seeded noise (candle's own RNG cannot be seeded) |
+//! | [`speed`] | the fast CPU configuration for your own program |
 //!
 //! A guided tour from `cargo add` to samples of your own data is in `docs/guide.md` (its
 //! code runs as doctests); the mathematics, with references to the papers and the
@@ -112,6 +113,7 @@ pub mod regularizer;
 pub mod score;
 pub mod sde;
 pub mod solver;
+pub mod speed;
 pub mod train;
 
 pub use error::{Error, Result};

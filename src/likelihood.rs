@@ -46,7 +46,8 @@ use crate::{Error, Result, ScoreModel};
 
 /// Uniform dequantization of discrete data (score_sde's evaluation of 8-bit images).
 ///
-/// Data `x` are given in `[0, 1]` as multiples of `1/(levels − 1)`; each evaluation draws
+/// Data `x` are given in `[0, 1]` as multiples of `1/(levels − 1)` (other values are an
+/// error: divide raw 8-bit data by 255); each evaluation draws
 /// `u ~ U[0, 1)` and feeds the model `scale·(x(levels − 1) + u)/levels + shift`. Bits per
 /// dimension then measure the discrete data: `−log p/(d ln 2) − log₂ scale + log₂ levels`.
 ///
@@ -104,6 +105,22 @@ impl Dequantization {
     }
 
     fn apply<R: Rng + ?Sized>(&self, x: &Tensor, rng: &mut R) -> Result<Tensor> {
+        // The data enter here: outside [0, 1] the bits per dimension are meaningless (raw
+        // 0..255 pixels gave 210,139 bits/dim).
+        let values = x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let (low, high) = values
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
+                (l.min(v), h.max(v))
+            });
+        ensure(values.iter().all(|v| (0.0..=1.0).contains(v)), || {
+            format!(
+                "dequantization expects data in [0, 1] (multiples of 1/{}), got values in [{low}, {high}]; \
+                 divide raw integer data by {} first",
+                self.levels - 1,
+                self.levels - 1
+            )
+        })?;
         let u = crate::random::uniform(x.shape(), 0.0, 1.0, x.dtype(), x.device(), rng)?;
         let levels = self.levels as f64;
         let deq = ((x * (levels - 1.0))? + u)?;
@@ -129,6 +146,12 @@ pub struct LikelihoodEstimate {
 ///
 /// The defaults follow score_sde: RK45 with `rtol = atol = 1e-5`, starting at
 /// `ε = 1e-5`, exact trace.
+///
+/// The trace `∇·s` needs first-order input gradients only, so a plain score model runs
+/// without `CANDLE_GRAD_DO_NOT_DETACH`. A potential model's score
+/// ([`GradientScore`](crate::GradientScore)) is itself a gradient and its divergence a
+/// second derivative: that needs the variable, and returns
+/// [`Error::HigherOrderGradientsUnavailable`] without it.
 ///
 /// ```
 /// use scoresde::autodiff::{Divergence, Probe};
@@ -236,6 +259,15 @@ impl<O: OdeSolver> Likelihood<O> {
         let latent = end.narrow(1, 0, d)?;
         let delta = end.narrow(1, d, 1)?.squeeze(1)?;
         let log_density = (sde.prior_log_prob(&latent)? + delta)?;
+        // Points far beyond the data's scale have log-densities f64 cannot hold (|x|² of
+        // x ~ 1e300): an error, not −inf.
+        let values = log_density.to_vec1::<f64>()?;
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "the log-density of sample {i} is {v}: the point is too far from the model's data \
+                 (or the ODE blew up) for f64"
+            )));
+        }
         let offset = self.dequantization.map_or(0.0, |q| q.bits_offset());
         let bits_per_dim = log_density.affine(-1.0 / (d as f64 * std::f64::consts::LN_2), offset)?;
         Ok(LikelihoodEstimate {
@@ -306,14 +338,10 @@ impl<S: Sde, M: ScoreModel> OdeSystem for AugmentedFlow<'_, S, M> {
         let x = leaf(&y.narrow(1, 0, d)?.reshape(self.shape.as_slice())?)?;
         let times = crate::solver::time_like(t, &x)?;
         let score = self.model.score(&x, &times)?;
-        if score.shape() != x.shape() {
-            return Err(Error::Shape(format!(
-                "the score model returned shape {:?} for input {:?}",
-                score.dims(),
-                x.dims()
-            )));
-        }
-        let divergence = self.divergence.evaluate(&score, &x, &self.probes)?;
+        crate::score::check_score(&score, &x)?;
+        // Read, not trained through: first order is enough, unless the score is itself a
+        // gradient, and then the model (GradientScore) checks second order for itself.
+        let divergence = self.divergence.evaluate_first_order(&score, &x, &self.probes)?;
         let (a, g2) = (self.sde.drift_coeff(t), self.sde.diffusion(t).powi(2));
         let drift = ((x.detach() * a)? - (score.detach() * (0.5 * g2))?)?.reshape((b, d))?;
         let trace = divergence

@@ -68,8 +68,9 @@ pub enum TimeSampling {
     /// `t ~ U(ε, T)` (score_sde).
     #[default]
     Uniform,
-    /// `t = T·Beta(1, 2) + ε` (Deveney et al.): density `2(1 − u)` on `u = (t − ε)/T`, so
-    /// small times, where the score is hardest, are drawn more often.
+    /// `t = min(T·Beta(1, 2) + ε, T)` (Deveney et al., capped so that no time passes `T`):
+    /// density `2(1 − u)` on `u = (t − ε)/T`, so small times, where the score is hardest,
+    /// are drawn more often.
     Beta12,
 }
 
@@ -215,7 +216,9 @@ impl Dsm {
                 match self.time_sampling {
                     TimeSampling::Uniform => self.eps + (end - self.eps) * u,
                     // Inverse CDF of Beta(1, 2): F(v) = 1 − (1 − v)².
-                    TimeSampling::Beta12 => end * (1.0 - (1.0 - u).sqrt()) + self.eps,
+                    // Shifted by ε as in Deveney et al.'s code, and capped at T (the shift
+                    // could reach past it, where the models refuse times).
+                    TimeSampling::Beta12 => (end * (1.0 - (1.0 - u).sqrt()) + self.eps).min(end),
                 }
             })
             .collect();

@@ -34,9 +34,8 @@ pub fn standard_normal<R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Result<Tensor> {
     let shape = shape.into();
-    let values: Vec<f64> = (0..shape.elem_count())
-        .map(|_| StandardNormal.sample(rng))
-        .collect();
+    let n = crate::error::checked_elements(shape.dims(), "a standard normal draw")?;
+    let values: Vec<f64> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
     Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
 }
 
@@ -62,9 +61,8 @@ pub fn uniform<R: Rng + ?Sized>(
         format!("uniform needs finite low < high, got [{low}, {high})")
     })?;
     let shape = shape.into();
-    let values: Vec<f64> = (0..shape.elem_count())
-        .map(|_| rng.random_range(low..high))
-        .collect();
+    let n = crate::error::checked_elements(shape.dims(), "a uniform draw")?;
+    let values: Vec<f64> = (0..n).map(|_| rng.random_range(low..high)).collect();
     Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
 }
 

@@ -48,7 +48,7 @@
 //! the uninterrupted one would (the checkpoint holds the weights, the EMA weights, the
 //! optimizer's moments and the step count).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -66,7 +66,8 @@ use crate::{Error, Result, ScoreModel};
 /// One weighted penalty of an [`Objective`].
 struct Penalty<'a, S, M> {
     weight: f64,
-    regularizer: Box<dyn Regularizer<S, M> + 'a>,
+    // Send + Sync so that an objective can be shared with (or moved to) other threads.
+    regularizer: Box<dyn Regularizer<S, M> + Send + Sync + 'a>,
 }
 
 /// The training problem: `DSM + Σ λᵢ·penaltyᵢ` for a model under an SDE.
@@ -153,8 +154,13 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
     }
 
     /// Adds `weight · regularizer.penalty(x_t, t)` at the DSM batch's perturbed points.
-    /// Errors unless `weight` is finite and `≥ 0`.
-    pub fn with_penalty(mut self, weight: f64, regularizer: impl Regularizer<S, M> + 'a) -> Result<Self> {
+    /// Errors unless `weight` is finite and `≥ 0`. The regularizer must be `Send + Sync`
+    /// (all of this crate's are), so that the objective is too when the SDE and model are.
+    pub fn with_penalty(
+        mut self,
+        weight: f64,
+        regularizer: impl Regularizer<S, M> + Send + Sync + 'a,
+    ) -> Result<Self> {
         ensure(weight.is_finite() && weight >= 0.0, || {
             format!("a penalty weight must be finite and >= 0, got {weight}")
         })?;
@@ -184,11 +190,67 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
     /// noise, then each penalty's) comes from `rng`, in that order.
     pub fn evaluate(&self, x0: &Tensor, rng: &mut dyn RngCore) -> Result<Evaluation> {
         let batch = self.loss.draw(self.sde, x0, rng)?;
-        self.evaluate_batch(batch, rng)
+        self.evaluate_drawn(batch, rng)
     }
 
-    /// Every term on an already perturbed batch.
-    fn evaluate_batch(&self, batch: DsmBatch, rng: &mut dyn RngCore) -> Result<Evaluation> {
+    /// Every term on a batch you supply: build a [`DsmBatch`] from your own `x₀`, times
+    /// and noise (`x_t` from [`Sde::perturb`](crate::sde::Sde::perturb)), or reuse the
+    /// batch of an earlier [`Evaluation`]. `rng` serves the penalties' own draws. Each term
+    /// of the result is differentiable: [`gradients`] gives the gradient of any one of
+    /// them, a penalty alone included.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use rand::{rngs::StdRng, SeedableRng};
+    /// use scoresde::loss::DsmBatch;
+    /// use scoresde::prelude::*;
+    /// use scoresde::regularizer::ScoreFpe;
+    /// use scoresde::train::gradients;
+    ///
+    /// let vars = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vars, DType::F64, &Device::Cpu);
+    /// let sde = VpSde::default();
+    /// let config = MlpConfig { width: 16, depth: 1, ..Default::default() };
+    /// let model = MlpScore::new(vb, sde, config)?;
+    /// let objective = Objective::new(&sde, &model).with_penalty(0.1, ScoreFpe::new())?;
+    ///
+    /// let x0 = Tensor::new(&[[0.5f64, -0.5], [1.0, 0.0]], &Device::Cpu)?;
+    /// let t = Tensor::new(&[0.3f64, 0.7], &Device::Cpu)?;
+    /// let noise = Tensor::new(&[[0.1f64, 0.2], [-0.3, 0.4]], &Device::Cpu)?;
+    /// let x_t = sde.perturb(&x0, &t, &noise)?;
+    /// let batch = DsmBatch { x0, x_t, t, noise };
+    /// let value = objective.evaluate_batch(batch, &mut StdRng::seed_from_u64(0))?;
+    /// // The gradient of the penalty alone, by variable name.
+    /// let g = gradients(&value.penalties[0], &vars)?;
+    /// assert!(g.contains_key("hidden.0.weight"));
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    ///
+    /// The batch enters here and is checked once: `x0`, `x_t` and `noise` of one shape
+    /// `[B, …]` with `B > 0` and finite values, `t` of shape `[B]` in `[0, T]`.
+    pub fn evaluate_batch(&self, batch: DsmBatch, rng: &mut dyn RngCore) -> Result<Evaluation> {
+        crate::solver::check_start(&batch.x_t)?;
+        for (tensor, name) in [(&batch.x0, "x0"), (&batch.noise, "noise")] {
+            crate::sde::check_same_shape(&batch.x_t, tensor, "x_t", name)?;
+            if !tensor
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?
+                .is_finite()
+            {
+                return Err(Error::NonFinite(format!(
+                    "the batch's {name} contains NaN or infinity"
+                )));
+            }
+        }
+        crate::sde::per_sample(&batch.t, &batch.x_t)?;
+        self.sde.check_times(&batch.t)?;
+        self.evaluate_drawn(batch, rng)
+    }
+
+    /// Every term on a batch drawn by the loss (so already in range).
+    fn evaluate_drawn(&self, batch: DsmBatch, rng: &mut dyn RngCore) -> Result<Evaluation> {
         let dsm = self.loss.loss(self.sde, self.model, &batch)?;
         let mut total = dsm.clone();
         let mut penalties = Vec::with_capacity(self.penalties.len());
@@ -227,7 +289,7 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
     /// use scoresde::{sde::VpSde, train::Objective};
     /// let sde = VpSde::default();
     /// let model = |x: &Tensor, _t: &Tensor| Ok(x.neg()?);
-    /// let fpe = ScoreFpe::new().with_divergence(Divergence::Exact)?.with_time_derivative(TimeDerivative::Autodiff);
+    /// let fpe = ScoreFpe::new().with_divergence(Divergence::Exact)?.with_time_derivative(TimeDerivative::Autodiff)?;
     /// let objective = Objective::new(&sde, &model).with_penalty(1e-3, fpe)?;
     /// let mut rng = StdRng::seed_from_u64(0);
     /// let x0 = Tensor::new(&[[0.5f64, -0.5], [1.0, 0.0]], &Device::Cpu)?;
@@ -285,7 +347,7 @@ impl<'a, S: Sde, M: ScoreModel> Objective<'a, S, M> {
             }
             *rng = snapshot;
         }
-        let value = self.evaluate_batch(batch, rng)?;
+        let value = self.evaluate_drawn(batch, rng)?;
         let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         let values = StepValues {
             loss: scalar(&value.total)?,
@@ -534,6 +596,8 @@ pub struct Trainer {
     ema: VarMap,
     step: usize,
     untrained: Option<Vec<String>>,
+    /// The last step's gradients (before clipping), by variable name.
+    last_gradients: Vec<(String, Tensor)>,
     dtype: DType,
     device: Device,
 }
@@ -627,6 +691,7 @@ impl Trainer {
             ema,
             step: 0,
             untrained: None,
+            last_gradients: Vec::new(),
             dtype,
             device,
         })
@@ -655,12 +720,40 @@ impl Trainer {
         self.untrained.as_deref()
     }
 
+    /// The gradients of the last step, before clipping, by variable name (sorted; the
+    /// variables that got none are absent): what the optimizer was given. Empty before
+    /// the first step. Their global norm is the step's
+    /// [`grad_norm`](StepReport::grad_norm).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use scoresde::prelude::*;
+    /// let vars = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+    /// let sde = VpSde::default();
+    /// let model = MlpScore::new(vb, sde, MlpConfig { width: 16, depth: 1, ..Default::default() })?;
+    /// let mut trainer = Trainer::new(&vars, TrainConfig { batch_size: 32, ..Default::default() })?;
+    /// let report = trainer.step(&Objective::new(&sde, &model), &Checkerboard::default())?;
+    /// let mut squares = 0.0;
+    /// for (_name, g) in trainer.last_gradients() {
+    ///     squares += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    /// }
+    /// assert!((squares.sqrt() - report.grad_norm).abs() < 1e-4 * report.grad_norm);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn last_gradients(&self) -> &[(String, Tensor)] {
+        &self.last_gradients
+    }
+
     /// Runs `steps` training steps on batches from `data`, calling `progress` after each.
     ///
     /// Errors: [`Error::NonFiniteLoss`] naming the step when the loss becomes NaN or
     /// infinite (the weights are left as they were before that step);
     /// [`Error::NonFinite`] for non-finite data or gradients; [`Error::Shape`] for an
-    /// empty batch or a batch whose shape does not fit the model.
+    /// empty batch or a batch whose shape does not fit the model;
+    /// [`Error::InvalidParameter`] when no variable of the trainer received a gradient (the
+    /// model was built on another `VarMap`).
     pub fn fit<S, M, D>(
         &mut self,
         objective: &Objective<'_, S, M>,
@@ -735,6 +828,13 @@ impl Trainer {
                 }
             }
         }
+        if untrained.len() == self.params.len() {
+            // Nothing would move: the model does not read this trainer's variables.
+            return Err(Error::InvalidParameter(format!(
+                "no variable received a gradient at training step {step}: build the model from the \
+                 VarMap given to Trainer::new (a model on another VarMap trains nothing)"
+            )));
+        }
         let grad_norm = norm_sq.sqrt();
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite(format!(
@@ -751,8 +851,10 @@ impl Trainer {
             .config
             .ema_decay
             .min((1.0 + step as f64) / (10.0 + step as f64));
+        self.last_gradients.clear();
         for (p, g) in self.params.iter_mut().zip(gradients) {
             let Some(g) = g else { continue };
+            self.last_gradients.push((p.name.clone(), g.clone()));
             let g = match clip {
                 Some(c) => (g * c)?,
                 None => g,
@@ -801,7 +903,7 @@ impl Trainer {
     ///
     /// Errors with [`Error::Checkpoint`], changing nothing, if the file cannot be read or
     /// does not match this trainer's variables (a missing or extra variable, a different
-    /// shape or dtype).
+    /// shape or dtype), or holds a NaN or infinite value.
     pub fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let mut tensors = read_checkpoint(path, &self.device)?;
@@ -853,6 +955,35 @@ impl Trainer {
     }
 }
 
+/// The gradient of one scalar term (the total, the DSM term or one penalty of an
+/// [`Evaluation`]) with respect to every variable of `varmap` it depends on, by variable
+/// name, detached. Variables the term does not reach are absent.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_nn::{linear, VarBuilder, VarMap};
+/// let vars = VarMap::new();
+/// let layer = linear(2, 1, VarBuilder::from_varmap(&vars, DType::F64, &Device::Cpu).pp("layer"))?;
+/// let x = Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu)?;
+/// let term = layer.forward(&x)?.sum_all()?; // w·x + b
+/// let g = scoresde::train::gradients(&term, &vars)?;
+/// assert_eq!(g["layer.weight"].to_vec2::<f64>()?, [[1.0, 2.0]]);
+/// assert_eq!(g["layer.bias"].to_vec1::<f64>()?, [1.0]);
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+///
+/// [`Objective::evaluate_batch`] shows it on a penalty.
+pub fn gradients(term: &Tensor, varmap: &VarMap) -> Result<BTreeMap<String, Tensor>> {
+    ensure(term.elem_count() == 1, || {
+        format!("gradients needs a scalar term, got shape {:?}", term.dims())
+    })?;
+    let grads = term.backward()?;
+    Ok(lock_vars(varmap)?
+        .into_iter()
+        .filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name, g.detach())))
+        .collect())
+}
+
 /// Which weights of a checkpoint [`load_weights`] reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Weights {
@@ -866,7 +997,8 @@ pub enum Weights {
 /// weights): the way to build a sampling model from a checkpoint without a trainer.
 ///
 /// Errors with [`Error::Checkpoint`], changing nothing, if the file cannot be read or its
-/// weights do not match the variables (missing, extra, different shape or dtype).
+/// weights do not match the variables (missing, extra, different shape or dtype) or are
+/// not finite.
 ///
 /// ```no_run
 /// use candle_core::{DType, Device};
@@ -921,6 +1053,167 @@ pub fn load_weights(path: impl AsRef<Path>, varmap: &VarMap, which: Weights) -> 
     Ok(())
 }
 
+/// The name map between the reference networks ([`MlpScore`](crate::score::MlpScore),
+/// [`MlpPotential`](crate::score::MlpPotential)) with `depth` hidden layers and a PyTorch
+/// `nn.Sequential` of `nn.Linear` layers with activations in between, for
+/// [`load_foreign_weights`]: `(ours, theirs)` pairs.
+///
+/// Ours are `{ours}.hidden.{i}.weight|bias` and `{ours}.output.weight|bias` (`ours` is the
+/// `VarBuilder` prefix, empty for none); theirs `{theirs}.{2i}.weight|bias` (activations
+/// hold no weights, so linear layers sit at the even indices) and
+/// `{theirs}.{2·depth}.weight|bias`. `nn.Linear` stores its weight as `[out, in]`, as
+/// candle does: nothing is transposed. Add `MlpScore`'s Fourier frequencies yourself
+/// (`time.frequencies`, e.g. score_sde's `GaussianFourierProjection.W`).
+///
+/// ```
+/// let names = scoresde::train::torch_sequential_names(1, "", "net");
+/// assert_eq!(names[0], ("hidden.0.weight".to_string(), "net.0.weight".to_string()));
+/// assert_eq!(names[3], ("output.bias".to_string(), "net.2.bias".to_string()));
+/// ```
+pub fn torch_sequential_names(depth: usize, ours: &str, theirs: &str) -> Vec<(String, String)> {
+    let join = |prefix: &str, name: &str| {
+        if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        }
+    };
+    let mut names = Vec::with_capacity(2 * depth + 2);
+    for layer in 0..=depth {
+        let our_layer = if layer < depth {
+            format!("hidden.{layer}")
+        } else {
+            "output".into()
+        };
+        for part in ["weight", "bias"] {
+            names.push((
+                join(ours, &format!("{our_layer}.{part}")),
+                join(theirs, &format!("{}.{part}", 2 * layer)),
+            ));
+        }
+    }
+    names
+}
+
+/// Loads weights written by another framework (a PyTorch `state_dict` saved with
+/// `safetensors.torch.save_file`) into the variables of `varmap`, taking each variable
+/// `ours` from the file's tensor `theirs` for every `(ours, theirs)` in `names`.
+///
+/// Every variable of `varmap` must have an entry, and every entry a variable and a tensor
+/// of the same shape; the file may hold more (optimizer state, buffers). Values are
+/// converted to the variables' dtype and must be finite. On any mismatch nothing is
+/// changed and [`Error::Checkpoint`] names the variable, the tensor and the shapes. The
+/// layout of the reference networks, for writing the conversion on the PyTorch side:
+/// `MlpScore`'s first layer reads `[x (d), sin(2πtw) (F/2), cos(2πtw) (F/2)]` and its
+/// output is divided by `σ(t)`; `MlpPotential`'s reads `[t, x]` and outputs one value.
+/// [`torch_sequential_names`] builds the map for an `nn.Sequential`.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use scoresde::score::{LogDensityModel, MlpPotential, PotentialConfig};
+/// use scoresde::train::{load_foreign_weights, torch_sequential_names};
+///
+/// // A "PyTorch" file: nn.Sequential(Linear(3, 4), Softplus, Linear(4, 1)) under "net".
+/// let dev = Device::Cpu;
+/// let file: HashMap<String, Tensor> = [
+///     ("net.0.weight", Tensor::ones((4, 3), DType::F32, &dev)?),
+///     ("net.0.bias", Tensor::zeros(4, DType::F32, &dev)?),
+///     ("net.2.weight", Tensor::ones((1, 4), DType::F32, &dev)?),
+///     ("net.2.bias", Tensor::new(&[0.5f32], &dev)?),
+/// ]
+/// .into_iter()
+/// .map(|(k, v)| (k.to_string(), v))
+/// .collect();
+/// let path = std::env::temp_dir().join("scoresde-foreign-doc.safetensors");
+/// candle_core::safetensors::save(&file, &path)?;
+///
+/// let vars = VarMap::new();
+/// let config = PotentialConfig { width: 4, depth: 1, ..Default::default() };
+/// let u = MlpPotential::new(VarBuilder::from_varmap(&vars, DType::F64, &dev), config)?;
+/// load_foreign_weights(&path, &vars, &torch_sequential_names(1, "", "net"))?;
+/// // u(0, 0) = 4·softplus(0) + 0.5 with softplus_β(0) = ln 2 / β.
+/// let zero = u.log_density(&Tensor::zeros((1, 2), DType::F64, &dev)?, &Tensor::zeros(1, DType::F64, &dev)?)?;
+/// assert!((zero.to_vec1::<f64>()?[0] - (0.5 + 4.0 * 2f64.ln() / 100.0)).abs() < 1e-6);
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+pub fn load_foreign_weights(
+    path: impl AsRef<Path>,
+    varmap: &VarMap,
+    names: &[(String, String)],
+) -> Result<()> {
+    let path = path.as_ref();
+    let vars = lock_vars(varmap)?;
+    let device = match vars.first() {
+        Some((_, v)) => v.device().clone(),
+        None => {
+            return Err(Error::InvalidParameter(
+                "the VarMap has no variables: build the model first".into(),
+            ))
+        }
+    };
+    let ours: HashMap<&str, &str> = names.iter().map(|(o, t)| (o.as_str(), t.as_str())).collect();
+    let unmapped: Vec<&str> = vars
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|n| !ours.contains_key(n))
+        .collect();
+    if !unmapped.is_empty() {
+        return Err(Error::Checkpoint(format!(
+            "the name map has no entry for the variables {unmapped:?}; add (ours, theirs) pairs for them"
+        )));
+    }
+    let known: Vec<&str> = vars.iter().map(|(name, _)| name.as_str()).collect();
+    if let Some((extra, _)) = names.iter().find(|(o, _)| !known.contains(&o.as_str())) {
+        return Err(Error::Checkpoint(format!(
+            "the name map names '{extra}', which the VarMap does not have (it has {known:?})"
+        )));
+    }
+    let tensors = read_checkpoint(path, &device)?;
+    let mut values = Vec::with_capacity(vars.len());
+    for (name, var) in &vars {
+        let theirs = ours[name.as_str()];
+        let Some(value) = tensors.get(theirs) else {
+            let mut available: Vec<&String> = tensors.keys().collect();
+            available.sort();
+            available.truncate(30);
+            return Err(Error::Checkpoint(format!(
+                "{} has no tensor '{theirs}' (for '{name}'); it has {available:?}",
+                path.display()
+            )));
+        };
+        let want = var.as_tensor().dims();
+        if value.dims() != want {
+            let transposed = value.rank() == 2 && value.dims().iter().rev().eq(want.iter());
+            return Err(Error::Checkpoint(format!(
+                "'{theirs}' in {} has shape {:?}, but '{name}' needs {want:?}{}",
+                path.display(),
+                value.dims(),
+                if transposed {
+                    " (it is transposed: weights are [out, in], as in nn.Linear)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let value = value.to_dtype(var.dtype())?;
+        let host = value.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        if let Some(v) = host.iter().find(|v| !v.is_finite()) {
+            return Err(Error::Checkpoint(format!(
+                "'{theirs}' in {} holds {v}",
+                path.display()
+            )));
+        }
+        values.push(value);
+    }
+    for ((_, var), value) in vars.iter().zip(values) {
+        var.set(&value)?;
+    }
+    Ok(())
+}
+
 fn read_checkpoint(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(path, device)
         .map_err(|e| Error::Checkpoint(format!("cannot read {} as safetensors: {e}", path.display())))
@@ -948,6 +1241,16 @@ fn take_matching(
             like.dims(),
             like.dtype()
         )));
+    }
+    // A NaN weight would load silently and turn every later score into NaN.
+    if value.dtype().is_float() {
+        let bad = value.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        if let Some(v) = bad.iter().find(|v| !v.is_finite()) {
+            return Err(Error::Checkpoint(format!(
+                "'{key}' in {} holds {v}: the run that wrote it had diverged; load an earlier checkpoint",
+                path.display()
+            )));
+        }
     }
     Ok(value)
 }

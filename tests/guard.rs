@@ -8,10 +8,14 @@
 use std::thread;
 
 use candle_core::{Device, Tensor};
+use rand::{rngs::StdRng, SeedableRng};
 use scoresde::autodiff::{
     divergence_exact, divergence_hutchinson, ensure_higher_order_gradients, grad, leaf,
     time_derivative_autodiff, vjp,
 };
+use scoresde::likelihood::Likelihood;
+use scoresde::score::{Covariance, GaussianMixture};
+use scoresde::sde::VpSde;
 use scoresde::{Error, GradientScore, LogDensityModel, Result, ScoreModel};
 
 const VAR: &str = "CANDLE_GRAD_DO_NOT_DETACH";
@@ -59,6 +63,26 @@ fn without_second_order() -> Result<()> {
     }
     // … but not for a tracked x, whose score would be differentiated again.
     assert!(unavailable(GradientScore::values_only(Quartic).score(&x, &t)));
+
+    // The likelihood's trace needs first order only for a plain score model: it runs, and
+    // is right (N(0, I) is invariant under VP, so log p_ε is the standard normal's) …
+    let sde = VpSde::default();
+    let standard = GaussianMixture::new(vec![1.0], vec![vec![0.0, 0.0]], vec![Covariance::Isotropic(1.0)])?;
+    let points = Tensor::new(&[[0.5f64, -1.0], [2.0, 0.3]], &Device::Cpu)?;
+    let mut rng = StdRng::seed_from_u64(0);
+    let estimate = Likelihood::new().evaluate(&sde, &standard.diffused(sde), &points, &mut rng)?;
+    let got = estimate.log_density.to_vec1::<f64>()?;
+    for (g, p) in got.iter().zip([[0.5f64, -1.0], [2.0, 0.3]]) {
+        let want = -(2.0 * std::f64::consts::PI).ln() - 0.5 * (p[0] * p[0] + p[1] * p[1]);
+        assert!((g - want).abs() < 1e-3, "log-density {g} vs {want}");
+    }
+    // … but a potential model's score is a gradient, and its divergence second order.
+    assert!(unavailable(Likelihood::new().evaluate(
+        &sde,
+        &GradientScore::new(Quartic),
+        &points,
+        &mut rng
+    )));
     Ok(())
 }
 

@@ -22,6 +22,7 @@ fn exact_fpe() -> ScoreFpe {
         .with_divergence(Divergence::Exact)
         .unwrap()
         .with_time_derivative(TimeDerivative::Autodiff)
+        .unwrap()
 }
 
 fn model<S: Sde>(vars: &VarMap, sde: S, dim: usize, activation: Activation, dtype: DType) -> MlpScore<S> {
@@ -82,7 +83,7 @@ fn compare<S, M, R>(
 where
     S: Sde,
     M: ScoreModel,
-    R: Regularizer<S, M>,
+    R: Regularizer<S, M> + Send + Sync,
 {
     let mut objective = Objective::new(sde, model).with_loss(loss);
     if let Some((weight, r)) = penalty {
@@ -154,7 +155,7 @@ fn compare_with_dsm<S, M, R>(sde: &S, model: &M, vars: &VarMap, penalty: (f64, R
 where
     S: Sde,
     M: ScoreModel,
-    R: Regularizer<S, M>,
+    R: Regularizer<S, M> + Send + Sync,
 {
     compare(sde, model, vars, Dsm::default(), Some(penalty), x0, F64_TOLERANCE)
 }
@@ -205,7 +206,8 @@ fn fpe_gradients_match_autodiff() {
                 let m = model(&vars, sde, 2, activation, DType::F64);
                 let fpe = exact_fpe()
                     .with_weighting(weighting)
-                    .with_normalization(normalize);
+                    .and_then(|f| f.with_normalization(normalize))
+                    .unwrap();
                 let loss = Dsm::default().with_weighting(Weighting::Likelihood);
                 let p = compare(
                     &sde,
@@ -268,7 +270,7 @@ fn fpe_gradients_match_autodiff_in_other_dimensions() {
     for dim in [1, 3] {
         let vars = VarMap::new();
         let m = model(&vars, sde, dim, Activation::Silu, DType::F64);
-        let fpe = exact_fpe().with_weighting(TimeWeighting::Constant);
+        let fpe = exact_fpe().with_weighting(TimeWeighting::Constant).unwrap();
         compare_with_dsm(&sde, &m, &vars, (0.5, fpe), &batch(dim, 12, DType::F64));
     }
 }
@@ -305,7 +307,8 @@ fn f32_gradients_match_autodiff() {
     compare::<_, _, ScoreFpe>(&sde, &m, &vars, Dsm::default(), None, &x0, 1e-4);
     let fpe = exact_fpe()
         .with_weighting(TimeWeighting::Constant)
-        .with_normalization(false);
+        .and_then(|f| f.with_normalization(false))
+        .unwrap();
     compare(&sde, &m, &vars, Dsm::default(), Some((1e-3, fpe)), &x0, 1e-4);
 }
 

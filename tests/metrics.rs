@@ -232,7 +232,8 @@ mod gap {
         let fpe = ScoreFpe::new()
             .with_divergence(Divergence::Exact)
             .unwrap()
-            .with_time_derivative(TimeDerivative::Autodiff);
+            .with_time_derivative(TimeDerivative::Autodiff)
+            .unwrap();
         let good = report
             .measure_with_residual(&sde, &exact, &fpe, 1e-2, &points, &mut rng)
             .unwrap();

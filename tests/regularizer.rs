@@ -60,7 +60,8 @@ fn check_vanishing<S: Sde + Clone>(name: &str, sde: S) {
     let exact_fpe = ScoreFpe::new()
         .with_divergence(Divergence::Exact)
         .unwrap()
-        .with_time_derivative(TimeDerivative::Autodiff);
+        .with_time_derivative(TimeDerivative::Autodiff)
+        .unwrap();
     let clearly_nonzero = |wrong: &Tensor, exact: &Tensor, what: &str| {
         let (w, e) = (max_abs(wrong), max_abs(exact));
         assert!(w > 1e-3 && w > 1e4 * e, "{name}: {what}: wrong {w} vs exact {e}");
@@ -224,12 +225,15 @@ fn score_fpe_penalty_gradients_match_finite_differences() {
             ScoreFpe::new()
                 .with_divergence(Divergence::Exact)
                 .unwrap()
-                .with_time_derivative(TimeDerivative::Autodiff),
+                .with_time_derivative(TimeDerivative::Autodiff)
+                .unwrap(),
         ),
         ("hutchinson/stencil", ScoreFpe::new()),
         (
             "hutchinson/autodiff",
-            ScoreFpe::new().with_time_derivative(TimeDerivative::Autodiff),
+            ScoreFpe::new()
+                .with_time_derivative(TimeDerivative::Autodiff)
+                .unwrap(),
         ),
         (
             "m=1/scalar",
@@ -306,7 +310,8 @@ fn the_penalty_is_a_mean_of_squared_residuals() {
     let fpe = ScoreFpe::new()
         .with_divergence(Divergence::Exact)
         .unwrap()
-        .with_time_derivative(TimeDerivative::Autodiff);
+        .with_time_derivative(TimeDerivative::Autodiff)
+        .unwrap();
     let scaled = Scaled(exact_vp);
     let r = fpe.residual(&vp, &scaled, &x, &t, &mut rng).unwrap();
     let g2 = vp.diffusion_tensor(&t).unwrap().sqr().unwrap();
@@ -379,7 +384,7 @@ fn a_time_window_penalizes_only_its_points() -> Result<()> {
     let model = |x: &Tensor, t: &Tensor| Ok(x.broadcast_mul(&(t.unsqueeze(1)? - 2.0)?)?);
     let fpe = ScoreFpe::new()
         .with_divergence(Divergence::Exact)?
-        .with_time_derivative(TimeDerivative::Autodiff);
+        .with_time_derivative(TimeDerivative::Autodiff)?;
     let sde = VpSde::default();
     let mut rng = StdRng::seed_from_u64(3);
     let x = Tensor::new(

@@ -28,6 +28,7 @@ fn regularizers_return_the_guard_error_without_second_order_gradients() {
             .with_divergence(Divergence::Exact)
             .unwrap()
             .with_time_derivative(TimeDerivative::Autodiff)
+            .unwrap()
             .penalty(&sde, &exact, &x, &t, &mut rng);
         let lfp = LogDensityFp::new().penalty(&sde, &exact, &x, &t, &mut rng);
         [fpe.map(|_| ()), exact_fpe.map(|_| ()), lfp.map(|_| ())]

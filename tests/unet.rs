@@ -199,7 +199,9 @@ fn penalty_parameter_gradients_match_finite_differences() {
         })
         .unwrap()
         .with_weighting(TimeWeighting::Constant)
-        .with_time_derivative(TimeDerivative::FiniteDifference { hs: 1e-3, hd: 1e-3 });
+        .unwrap()
+        .with_time_derivative(TimeDerivative::FiniteDifference { hs: 1e-3, hd: 1e-3 })
+        .unwrap();
     let penalty = || {
         fpe.penalty(&sde, &model, &x, &t, &mut StdRng::seed_from_u64(8))
             .unwrap()
@@ -283,6 +285,11 @@ fn bad_configurations_and_inputs_are_errors() {
     }
     let x = Tensor::zeros((2, 1, 4, 4), DType::F64, &Device::Cpu).unwrap();
     assert!(matches!(model.score(&x, &t), Err(Error::Shape(_))));
+    let one = Tensor::zeros((1, 1, 4, 4), DType::F64, &Device::Cpu).unwrap();
+    for bad_t in [0.0, 1.5, f64::NAN] {
+        let t = Tensor::new(&[bad_t], &Device::Cpu).unwrap();
+        assert!(model.score(&one, &t).is_err(), "t = {bad_t} was accepted");
+    }
     let pixels = Tensor::zeros((1, 1, 4, 4), DType::U8, &Device::Cpu).unwrap();
     assert!(matches!(model.score(&pixels, &t), Err(Error::Shape(_))));
 }

@@ -6,7 +6,7 @@
 
 use candle_core::Tensor;
 
-use super::{read_pair, Points};
+use super::{read_pair, times_pow2, Points};
 use crate::error::ensure;
 use crate::{Error, Result};
 
@@ -32,13 +32,15 @@ const MAX_DIM: usize = 1024;
 /// # Ok::<(), scoresde::Error>(())
 /// ```
 pub fn frechet_distance(x: &Tensor, y: &Tensor) -> Result<f64> {
-    let (x, y) = read_pair(x, y, false)?;
+    // Scaled by a power of two (no overflow on finite input); a squared distance scales
+    // back by its square.
+    let (x, y, exponent) = read_pair(x, y, false)?;
     ensure(x.n >= 2 && y.n >= 2, || {
         "the Fréchet distance needs at least 2 points in each set".into()
     })?;
     let (mx, cx) = moments(&x);
     let (my, cy) = moments(&y);
-    frechet_gaussians(&mx, &cx, &my, &cy)
+    Ok(times_pow2(frechet_gaussians(&mx, &cx, &my, &cy)?, 2 * exponent))
 }
 
 /// The squared Fréchet distance `‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁^{½} Σ₂ Σ₁^{½})^{½})`

@@ -8,7 +8,7 @@ use crate::error::ensure;
 use crate::regularizer::Regularizer;
 use crate::sde::Sde;
 use crate::solver::Sampler;
-use crate::{Result, ScoreModel};
+use crate::{Error, Result, ScoreModel};
 
 /// What [`GapReport::measure`] found.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -182,7 +182,7 @@ impl<O, Q> GapReport<O, Q> {
 /// let exact = data.diffused(sde);
 /// let fpe = ScoreFpe::new()
 ///     .with_divergence(Divergence::Exact)?
-///     .with_time_derivative(TimeDerivative::Autodiff);
+///     .with_time_derivative(TimeDerivative::Autodiff)?;
 /// let r = mean_penalty(&sde, &exact, &fpe, 0.05, &points, &mut rng)?;
 /// assert!(r < 1e-12); // the exact score satisfies the score FPE
 /// # Ok::<(), scoresde::Error>(())
@@ -212,7 +212,14 @@ where
         let z = crate::random::standard_normal(x0.shape(), x0.dtype(), x0.device(), rng)?;
         let x_t = sde.perturb(&x0, &t, &z)?;
         let penalty = regularizer.penalty(sde, model, &x_t, &t, rng)?;
-        total += penalty.to_dtype(DType::F64)?.to_scalar::<f64>()? * b as f64;
+        let value = penalty.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "the penalty is {value} on data points {start}..{}: the model or its derivatives overflow there",
+                start + b
+            )));
+        }
+        total += value * b as f64;
     }
     Ok(total / n as f64)
 }

@@ -34,9 +34,10 @@ impl Grid {
     /// The grid of `bins` cells per axis over `[lo, hi]`. Errors unless `lo < hi` are
     /// finite and `1 ≤ bins ≤ 65,536`.
     pub fn new(lo: f64, hi: f64, bins: usize) -> Result<Self> {
-        ensure(lo.is_finite() && hi.is_finite() && lo < hi, || {
-            format!("a grid needs finite bounds lo < hi, got [{lo}, {hi}]")
-        })?;
+        ensure(
+            lo.is_finite() && hi.is_finite() && lo < hi && (hi - lo).is_finite(),
+            || format!("a grid needs finite bounds lo < hi with a finite width hi - lo, got [{lo}, {hi}]"),
+        )?;
         ensure((1..=65_536).contains(&bins), || {
             format!("a grid needs 1 to 65,536 bins per axis, got {bins}")
         })?;
@@ -206,6 +207,19 @@ impl Histogram {
     /// # Ok::<(), scoresde::Error>(())
     /// ```
     pub fn w2_squared(&self, other: &Histogram) -> Result<f64> {
+        let h = self.grid.cell_width();
+        let w2 = self.w2_squared_in_cells(other)? * h * h;
+        if w2.is_finite() {
+            Ok(w2)
+        } else {
+            Err(Error::NonFinite(format!(
+                "W2² = {w2} overflows f64 with cells of width {h:e}; use histogram_w2 (its square root)"
+            )))
+        }
+    }
+
+    /// [`Self::w2_squared`] in squared cell widths, so that no intermediate overflows.
+    fn w2_squared_in_cells(&self, other: &Histogram) -> Result<f64> {
         if self.grid != other.grid {
             return Err(Error::InvalidParameter(format!(
                 "histograms on different grids: {:?} and {:?}",
@@ -249,8 +263,7 @@ impl Histogram {
         };
         let plan = transport::solve(&supply, &demand, cost)?;
         let mass = (nx / g) as f64 * ny as f64;
-        let h = self.grid.cell_width();
-        Ok(plan.cost as f64 / mass * h * h)
+        Ok(plan.cost as f64 / mass)
     }
 }
 
@@ -279,7 +292,6 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 /// # Ok::<(), scoresde::Error>(())
 /// ```
 pub fn histogram_w2(x: &Tensor, y: &Tensor, grid: &Grid) -> Result<f64> {
-    Ok(Histogram::new(x, *grid)?
-        .w2_squared(&Histogram::new(y, *grid)?)?
-        .sqrt())
+    let cells = Histogram::new(x, *grid)?.w2_squared_in_cells(&Histogram::new(y, *grid)?)?;
+    Ok(cells.sqrt() * grid.cell_width())
 }

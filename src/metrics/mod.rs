@@ -76,8 +76,12 @@ impl Points {
     }
 }
 
-fn read_pair(x: &Tensor, y: &Tensor, equal_sizes: bool) -> Result<(Points, Points)> {
-    let (x, y) = (Points::read(x, "x")?, Points::read(y, "y")?);
+/// Both sets read and scaled together by `2^−e`, the power of two that brings every
+/// coordinate into `[−1, 1]`: distances then neither overflow (points near ±1e308) nor
+/// underflow (points near 1e-300), and since the factor is a power of two, every result
+/// is the unscaled computation's, bit for bit, times `2^e` (or `2^{2e}` for squares).
+fn read_pair(x: &Tensor, y: &Tensor, equal_sizes: bool) -> Result<(Points, Points, i32)> {
+    let (mut x, mut y) = (Points::read(x, "x")?, Points::read(y, "y")?);
     if x.d != y.d {
         return Err(Error::Shape(format!("x has dimension {} but y has {}", x.d, y.d)));
     }
@@ -87,8 +91,51 @@ fn read_pair(x: &Tensor, y: &Tensor, equal_sizes: bool) -> Result<(Points, Point
             x.n, y.n
         )));
     }
-    Ok((x, y))
+    let largest = x.data.iter().chain(&y.data).fold(0.0f64, |m, v| m.max(v.abs()));
+    let exponent = if largest > 0.0 {
+        largest.log2().ceil() as i32
+    } else {
+        0
+    };
+    for v in x.data.iter_mut().chain(y.data.iter_mut()) {
+        *v = times_pow2(*v, -exponent);
+    }
+    Ok((x, y, exponent))
 }
+
+/// `value·2^e` without overflowing an intermediate power of two (`e` may reach ±2,100).
+pub(crate) fn times_pow2(mut value: f64, mut e: i32) -> f64 {
+    while e != 0 {
+        let step = e.clamp(-1000, 1000);
+        value *= 2f64.powi(step);
+        e -= step;
+    }
+    value
+}
+
+/// `value·2^e` for a result of the scaled points, an error if it is not finite.
+fn unscaled(value: f64, e: i32, what: &str) -> Result<f64> {
+    let v = times_pow2(value, e);
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Error::NonFinite(format!(
+            "{what} is {value:e}·2^{e}, beyond f64's range; take the square root (w2_exact) or rescale the points"
+        )))
+    }
+}
+
+/// The largest point sets [`w2_exact`] takes: its `n × n` cost matrix then holds 800 MB,
+/// and the `O(n³)` solve takes minutes.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use scoresde::metrics::{w2_exact, MAX_W2_EXACT_POINTS};
+/// let x = Tensor::zeros((MAX_W2_EXACT_POINTS + 1, 2), DType::F32, &Device::Cpu)?;
+/// assert!(w2_exact(&x, &x).is_err()); // refused before allocating
+/// # Ok::<(), scoresde::Error>(())
+/// ```
+pub const MAX_W2_EXACT_POINTS: usize = 10_000;
 
 fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(u, v)| (u - v) * (u - v)).sum()
@@ -97,7 +144,8 @@ fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
 /// The exact 2-Wasserstein distance between two equal-size point sets,
 /// `√(min_π (1/n) Σ ‖x_i − y_π(i)‖²)`, by solving the assignment problem exactly
 /// (shortest augmenting paths with potentials, `O(n³)`; about a second for n = 2,000 in
-/// release builds).
+/// release builds). At most [`MAX_W2_EXACT_POINTS`] points per set (an error names the
+/// size beyond it).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -108,7 +156,8 @@ fn squared_distance(a: &[f64], b: &[f64]) -> f64 {
 /// # Ok::<(), scoresde::Error>(())
 /// ```
 pub fn w2_exact(x: &Tensor, y: &Tensor) -> Result<f64> {
-    Ok(w2_squared_exact(x, y)?.sqrt())
+    let (scaled, e) = w2_squared_scaled(x, y)?;
+    unscaled(scaled.sqrt(), e, "W2")
 }
 
 /// The squared exact 2-Wasserstein distance (see [`w2_exact`]).
@@ -121,19 +170,39 @@ pub fn w2_exact(x: &Tensor, y: &Tensor) -> Result<f64> {
 /// # Ok::<(), scoresde::Error>(())
 /// ```
 pub fn w2_squared_exact(x: &Tensor, y: &Tensor) -> Result<f64> {
-    let (x, y) = read_pair(x, y, true)?;
+    let (scaled, e) = w2_squared_scaled(x, y)?;
+    unscaled(scaled, 2 * e, "W2²")
+}
+
+/// W2² of the scaled points, and the exponent `e` of the scale.
+fn w2_squared_scaled(x: &Tensor, y: &Tensor) -> Result<(f64, i32)> {
+    let (x, y, e) = read_pair(x, y, true)?;
     let n = x.n;
+    ensure(n <= MAX_W2_EXACT_POINTS, || {
+        format!(
+            "w2_exact with {n} points needs a {n} x {n} cost matrix ({} MB) and an O(n^3) solve; \
+             the limit is {MAX_W2_EXACT_POINTS} points: subsample, or use histogram_w2 or sliced_w2",
+            (n as u128 * n as u128 * 8) / 1_000_000
+        )
+    })?;
     let mut cost = Vec::with_capacity(n * n);
     for i in 0..n {
         cost.extend((0..n).map(|j| squared_distance(x.row(i), y.row(j))));
     }
+    // Coordinates in [−1, 1] bound every cost by 4d; the check keeps the solver, which
+    // loops until a finite slack appears, away from anything else.
+    if cost.iter().any(|c| !c.is_finite()) {
+        return Err(Error::NonFinite(
+            "w2_exact: a squared distance is not finite".into(),
+        ));
+    }
     let matching = assignment::solve(&cost, n);
-    Ok(matching
+    let total = matching
         .iter()
         .enumerate()
         .map(|(i, &j)| cost[i * n + j])
-        .sum::<f64>()
-        / n as f64)
+        .sum::<f64>();
+    Ok((total / n as f64, e))
 }
 
 /// Sliced 2-Wasserstein distance: the square root of the mean, over `projections` random
@@ -154,7 +223,7 @@ pub fn sliced_w2<R: Rng + ?Sized>(x: &Tensor, y: &Tensor, projections: usize, rn
     ensure(projections > 0, || {
         "sliced W2 needs at least one projection".into()
     })?;
-    let (x, y) = read_pair(x, y, true)?;
+    let (x, y, e) = read_pair(x, y, true)?;
     let (n, d) = (x.n, x.d);
     let mut total = 0.0;
     let mut px = vec![0.0; n];
@@ -177,7 +246,7 @@ pub fn sliced_w2<R: Rng + ?Sized>(x: &Tensor, y: &Tensor, projections: usize, rn
         project(&y, &mut py);
         total += px.iter().zip(&py).map(|(a, b)| (a - b) * (a - b)).sum::<f64>() / n as f64;
     }
-    Ok((total / projections as f64).sqrt())
+    unscaled((total / projections as f64).sqrt(), e, "sliced W2")
 }
 
 /// The unbiased estimate of the squared maximum mean discrepancy with the Gaussian kernel
@@ -197,14 +266,14 @@ pub fn sliced_w2<R: Rng + ?Sized>(x: &Tensor, y: &Tensor, projections: usize, rn
 /// # Ok::<(), scoresde::Error>(())
 /// ```
 pub fn mmd2_unbiased(x: &Tensor, y: &Tensor, bandwidth: Option<f64>) -> Result<f64> {
-    let (x, y) = read_pair(x, y, false)?;
+    let (x, y, e) = read_pair(x, y, false)?;
     ensure(x.n >= 2 && y.n >= 2, || {
         "MMD² needs at least 2 points in each set".into()
     })?;
     let h = match bandwidth {
         Some(h) => {
             ensure_positive("the bandwidth", h)?;
-            h
+            times_pow2(h, -e) // in the points' scaled units
         }
         None => median_distance(&x, &y)?,
     };
@@ -227,12 +296,14 @@ pub fn mmd2_unbiased(x: &Tensor, y: &Tensor, bandwidth: Option<f64>) -> Result<f
 /// # Ok::<(), scoresde::Error>(())
 /// ```
 pub fn energy_distance(x: &Tensor, y: &Tensor) -> Result<f64> {
-    let (x, y) = read_pair(x, y, false)?;
+    let (x, y, e) = read_pair(x, y, false)?;
     ensure(x.n >= 2 && y.n >= 2, || {
         "the energy distance needs at least 2 points in each set".into()
     })?;
     let distance = |a: &[f64], b: &[f64]| squared_distance(a, b).sqrt();
-    Ok(2.0 * cross_mean(&x, &y, &distance) - within_mean(&x, &distance) - within_mean(&y, &distance))
+    let scaled =
+        2.0 * cross_mean(&x, &y, &distance) - within_mean(&x, &distance) - within_mean(&y, &distance);
+    unscaled(scaled, e, "the energy distance")
 }
 
 /// Mean of `f` over distinct pairs of one set.

@@ -171,7 +171,8 @@ impl LogDensityFp {
     }
 
     /// The residual `R(x, t)` per point, `[B]`, still differentiable in the parameters.
-    /// `rng` draws Hutchinson probes (unused with the exact divergence).
+    /// `rng` draws Hutchinson probes (unused with the exact divergence; see
+    /// [`Self::residual_with_probes`] to pass none).
     pub fn residual<S: Sde, M: LogDensityModel>(
         &self,
         sde: &S,
@@ -181,6 +182,59 @@ impl LogDensityFp {
         rng: &mut dyn RngCore,
     ) -> Result<Tensor> {
         check_points(x, t)?;
+        let probes = self.divergence.draw_probes(x, rng)?;
+        self.residual_checked(sde, model, x, t, &probes)
+    }
+
+    /// [`Self::residual`] with the Hutchinson probes given rather than drawn: none for the
+    /// exact Laplacian (so no generator is needed), otherwise those of
+    /// [`Divergence::draw_probes`] for `x`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::regularizer::LogDensityFp;
+    /// use scoresde::score::{Covariance, GaussianMixture};
+    /// use scoresde::sde::OuSde;
+    /// let sde = OuSde::default();
+    /// let exact = GaussianMixture::new(vec![1.0], vec![vec![1.0, 0.0]], vec![Covariance::Isotropic(0.3)])?
+    ///     .diffused(sde);
+    /// let x = Tensor::new(&[[0.3f64, -0.2]], &Device::Cpu)?;
+    /// let t = Tensor::new(&[0.4f64], &Device::Cpu)?;
+    /// let r = LogDensityFp::new().residual_with_probes(&sde, &exact, &x, &t, &[])?; // exact: r = 0
+    /// assert!(r.abs()?.max_all()?.to_scalar::<f64>()? < 1e-9);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn residual_with_probes<S: Sde, M: LogDensityModel>(
+        &self,
+        sde: &S,
+        model: &M,
+        x: &Tensor,
+        t: &Tensor,
+        probes: &[Tensor],
+    ) -> Result<Tensor> {
+        check_points(x, t)?;
+        let wanted = match self.divergence {
+            Divergence::Exact => 0,
+            Divergence::Hutchinson { probes, .. } => probes,
+        };
+        if probes.len() != wanted {
+            return Err(Error::InvalidParameter(format!(
+                "{wanted} probes expected for {:?}, got {}; draw them with Divergence::draw_probes",
+                self.divergence,
+                probes.len()
+            )));
+        }
+        self.residual_checked(sde, model, x, t, probes)
+    }
+
+    fn residual_checked<S: Sde, M: LogDensityModel>(
+        &self,
+        sde: &S,
+        model: &M,
+        x: &Tensor,
+        t: &Tensor,
+        probes: &[Tensor],
+    ) -> Result<Tensor> {
         let x = leaf(&x.detach())?;
         let t_leaf = leaf(&t.detach().to_dtype(x.dtype())?)?;
         let u = model.log_density(&x, &t_leaf)?;
@@ -192,8 +246,7 @@ impl LogDensityFp {
             )));
         }
         let [score, du_dt] = grads(&u, [&x, &t_leaf])?;
-        let probes = self.divergence.draw_probes(&x, rng)?;
-        let laplacian = self.divergence.evaluate(&score, &x, &probes)?;
+        let laplacian = self.divergence.evaluate(&score, &x, probes)?;
 
         let t_plain = t.detach().to_dtype(x.dtype())?;
         let a = sde.drift_coeff_tensor(&t_plain)?;
@@ -280,6 +333,17 @@ impl<S: Sde, M: LogDensityModel> Regularizer<S, M> for LogDensityFp {
     }
 }
 
+/// The dims of a batch `[B, …]` (B may be 0: only the per-sample shape is used).
+fn batch_shape(like: &Tensor) -> Result<Vec<usize>> {
+    if like.rank() < 2 {
+        return Err(Error::Shape(format!(
+            "expected points of shape [B, ...] with at least 2 dimensions, got {:?}",
+            like.dims()
+        )));
+    }
+    Ok(like.dims().to_vec())
+}
+
 /// `n` points uniform in `[low, high]^d × [eps, T]`, shaped like `like`'s samples.
 fn box_points(
     like: &Tensor,
@@ -290,7 +354,7 @@ fn box_points(
     end: f64,
     rng: &mut dyn RngCore,
 ) -> Result<(Tensor, Tensor)> {
-    let mut shape = like.dims().to_vec();
+    let mut shape = batch_shape(like)?;
     shape[0] = n;
     let x = uniform(shape, low, high, like.dtype(), like.device(), rng)?;
     let t = uniform(n, eps, end, like.dtype(), like.device(), rng)?;
@@ -307,9 +371,14 @@ fn face_points(
     end: f64,
     rng: &mut dyn RngCore,
 ) -> Result<(Tensor, Tensor)> {
-    let d = like.elem_count() / like.dim(0)?;
-    let total = 2 * d * n;
-    let mut values = Vec::with_capacity(total * d);
+    // The per-sample size from the shape, not elem_count / B: the batch may be empty
+    // (box collocation does not use its points).
+    let d: usize = batch_shape(like)?.iter().skip(1).product();
+    let total = crate::error::checked_elements(&[2, d, n], "the boundary points")?;
+    let mut values = Vec::with_capacity(crate::error::checked_elements(
+        &[total, d],
+        "the boundary points",
+    )?);
     for face in 0..2 * d {
         let (axis, edge) = (face / 2, if face % 2 == 0 { low } else { high });
         for _ in 0..n {
@@ -322,7 +391,7 @@ fn face_points(
             }));
         }
     }
-    let mut shape = like.dims().to_vec();
+    let mut shape = batch_shape(like)?;
     shape[0] = total;
     let x = Tensor::from_vec(values, shape, like.device())?.to_dtype(like.dtype())?;
     let t = uniform(total, eps, end, like.dtype(), like.device(), rng)?;

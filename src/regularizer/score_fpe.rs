@@ -4,7 +4,9 @@ use candle_core::{DType, Tensor};
 use rand::RngCore;
 
 use super::{PenaltyTerms, Regularizer, ScoreFpeTerms};
-use crate::autodiff::{divergence_and_time_derivative, grad, leaf, time_derivative_fd, Divergence, Probe};
+use crate::autodiff::{
+    divergence_and_time_derivative, grad, leaf, time_derivative_fd_within, Divergence, Probe,
+};
 use crate::error::{ensure, ensure_positive};
 use crate::sde::{flatten_batch, per_sample, Sde};
 use crate::{Error, Result, ScoreModel};
@@ -48,7 +50,7 @@ pub enum TimeWeighting {
 /// The score Fokker–Planck equation residual as a regularizer (Lai et al. 2023).
 ///
 /// The true score of the diffused data satisfies `∂_t s = ∇_x φ` with
-/// `φ = ½g²(∇·s + ‖s‖²) − ⟨f, s⟩` (the `∇·f` term is constant in `x` for affine drift and
+/// `φ = ½g²(∇·s + ‖s‖²) − ⟨f, s⟩` (the `∇·f` term is constant in `x` for linear drift `a(t)·x` and
 /// drops). The residual `r = ∂_t s − ∇_x φ` is zero for the true score; the penalty at the
 /// perturbed training points is
 ///
@@ -62,7 +64,13 @@ pub enum TimeWeighting {
 /// `∂_t s`, and `β = 0` (its CIFAR-10 runs use `β = 0.01` with `λ = 0.15` on `R_vec`; set
 /// them with [`ScoreFpe::with_scalar_weight`] and the trainer's penalty weight).
 ///
-/// Works for every [`Sde`] (all have affine drift) and every [`ScoreModel`]; the model must
+/// These defaults reproduce the paper; they are not the fastest or the least noisy. A
+/// Rademacher probe has less variance than a Gaussian one, and with the exact divergence
+/// and [`TimeDerivative::Autodiff`] (`d` backward passes in all, exact) the reference
+/// [`MlpScore`](crate::score::MlpScore) trains through its hand-written pass, several
+/// times faster than the graph; the default takes the graph.
+///
+/// Works for every [`Sde`] (all have linear drift `a(t)·x`) and every [`ScoreModel`]; the model must
 /// be differentiable in `x` (and in `t` for [`TimeDerivative::Autodiff`]). It needs live
 /// second-order gradients (see [`crate::autodiff`]).
 ///
@@ -81,7 +89,7 @@ pub enum TimeWeighting {
 /// let x = exact.sample(8, 0.5, DType::F64, &Device::Cpu, &mut rng)?;
 /// let t = Tensor::full(0.5f64, 8, &Device::Cpu)?;
 ///
-/// let fpe = ScoreFpe::new().with_divergence(Divergence::Exact)?.with_time_derivative(TimeDerivative::Autodiff);
+/// let fpe = ScoreFpe::new().with_divergence(Divergence::Exact)?.with_time_derivative(TimeDerivative::Autodiff)?;
 /// let residual = fpe.residual(&sde, &exact, &x, &t, &mut rng)?; // [B, d]
 /// assert!(residual.abs()?.max_keepdim(0)?.max(1)?.to_vec1::<f64>()?[0] < 1e-8);
 /// # Ok::<(), scoresde::Error>(())
@@ -139,16 +147,31 @@ impl ScoreFpe {
         Ok(self)
     }
 
-    /// The time weighting `w(t)`.
-    pub fn with_weighting(mut self, weighting: TimeWeighting) -> Self {
+    /// The time weighting `w(t)`. Every builder method returns a `Result`, so a chain
+    /// reads the same whichever settings it touches (this one cannot fail).
+    ///
+    /// ```
+    /// use scoresde::regularizer::{ScoreFpe, TimeWeighting};
+    /// let fpe = ScoreFpe::new().with_weighting(TimeWeighting::Constant)?.with_normalization(false)?;
+    /// # let _ = fpe;
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn with_weighting(mut self, weighting: TimeWeighting) -> Result<Self> {
         self.weighting = weighting;
-        self
+        Ok(self)
     }
 
-    /// Whether to divide by `d^m` (default: yes).
-    pub fn with_normalization(mut self, normalize: bool) -> Self {
+    /// Whether to divide by `d^m` (default: yes). Cannot fail; a `Result` like every
+    /// builder method here.
+    ///
+    /// ```
+    /// let fpe = scoresde::regularizer::ScoreFpe::new().with_normalization(false)?;
+    /// # let _ = fpe;
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn with_normalization(mut self, normalize: bool) -> Result<Self> {
         self.normalize = normalize;
-        self
+        Ok(self)
     }
 
     /// How `∇·s` is computed.
@@ -158,10 +181,22 @@ impl ScoreFpe {
         Ok(self)
     }
 
-    /// How `∂_t s` is computed.
-    pub fn with_time_derivative(mut self, time_derivative: TimeDerivative) -> Self {
+    /// How `∂_t s` is computed. Errors unless the finite-difference steps are finite
+    /// and `> 0`.
+    ///
+    /// ```
+    /// use scoresde::regularizer::{ScoreFpe, TimeDerivative};
+    /// assert!(ScoreFpe::new().with_time_derivative(TimeDerivative::Autodiff).is_ok());
+    /// let bad = TimeDerivative::FiniteDifference { hs: 0.0, hd: 5e-4 };
+    /// assert!(ScoreFpe::new().with_time_derivative(bad).is_err());
+    /// ```
+    pub fn with_time_derivative(mut self, time_derivative: TimeDerivative) -> Result<Self> {
+        if let TimeDerivative::FiniteDifference { hs, hd } = time_derivative {
+            ensure_positive("the finite-difference step hs", hs)?;
+            ensure_positive("the finite-difference step hd", hd)?;
+        }
         self.time_derivative = time_derivative;
-        self
+        Ok(self)
     }
 
     /// The weight `β ≥ 0` of the official code's scalar term `‖φ‖₂` (default 0).
@@ -176,7 +211,8 @@ impl ScoreFpe {
     /// The residual `r(x, t) = ∂_t s − ∇_x[½g²(∇·s + ‖s‖²) − ⟨f, s⟩]` per point, shape
     /// `[B, d]` (flattened), still differentiable in the model's parameters.
     ///
-    /// `rng` draws the Hutchinson probes (unused with the exact divergence).
+    /// `rng` draws the Hutchinson probes (unused with the exact divergence; see
+    /// [`Self::residual_with_probes`] to pass none).
     pub fn residual<S: Sde, M: ScoreModel>(
         &self,
         sde: &S,
@@ -188,6 +224,39 @@ impl ScoreFpe {
         Ok(self.terms(sde, model, x, t, rng)?.residual)
     }
 
+    /// [`Self::residual`] with the Hutchinson probes given rather than drawn: none for the
+    /// exact divergence (so no generator is needed), otherwise those of
+    /// [`Divergence::draw_probes`] for `x`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::autodiff::Divergence;
+    /// use scoresde::regularizer::{ScoreFpe, TimeDerivative};
+    /// use scoresde::score::{Covariance, GaussianMixture};
+    /// use scoresde::sde::VpSde;
+    /// let sde = VpSde::default();
+    /// let exact = GaussianMixture::new(vec![1.0], vec![vec![0.0, 1.0]], vec![Covariance::Isotropic(0.5)])?
+    ///     .diffused(sde);
+    /// let fpe = ScoreFpe::new()
+    ///     .with_divergence(Divergence::Exact)?
+    ///     .with_time_derivative(TimeDerivative::Autodiff)?;
+    /// let x = Tensor::new(&[[0.3f64, -0.2]], &Device::Cpu)?;
+    /// let t = Tensor::new(&[0.4f64], &Device::Cpu)?;
+    /// let r = fpe.residual_with_probes(&sde, &exact, &x, &t, &[])?; // the true score: r = 0
+    /// assert!(r.abs()?.max_all()?.to_scalar::<f64>()? < 1e-9);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn residual_with_probes<S: Sde, M: ScoreModel>(
+        &self,
+        sde: &S,
+        model: &M,
+        x: &Tensor,
+        t: &Tensor,
+        probes: &[Tensor],
+    ) -> Result<Tensor> {
+        Ok(self.terms_with(sde, model, x, t, Probes::Given(probes))?.residual)
+    }
+
     fn terms<S: Sde, M: ScoreModel>(
         &self,
         sde: &S,
@@ -196,22 +265,42 @@ impl ScoreFpe {
         t: &Tensor,
         rng: &mut dyn RngCore,
     ) -> Result<FpeTerms> {
+        self.terms_with(sde, model, x, t, Probes::Draw(rng))
+    }
+
+    fn terms_with<S: Sde, M: ScoreModel>(
+        &self,
+        sde: &S,
+        model: &M,
+        x: &Tensor,
+        t: &Tensor,
+        probes: Probes<'_, '_>,
+    ) -> Result<FpeTerms> {
         check_points(x, t)?;
-        let shape = x.shape().clone();
         let x = leaf(&x.detach())?;
         let t_input = match self.time_derivative {
             TimeDerivative::Autodiff => leaf(&t.detach().to_dtype(x.dtype())?)?,
             TimeDerivative::FiniteDifference { .. } => t.detach().to_dtype(x.dtype())?,
         };
         let score = model.score(&x, &t_input)?;
-        if score.shape() != &shape {
-            return Err(Error::Shape(format!(
-                "the score model returned shape {:?} for input {:?}",
-                score.dims(),
-                shape.dims()
-            )));
-        }
-        let probes = self.divergence.draw_probes(&x, rng)?;
+        crate::score::check_score(&score, &x)?;
+        let probes = match probes {
+            Probes::Draw(rng) => self.divergence.draw_probes(&x, rng)?,
+            Probes::Given(given) => {
+                let wanted = match self.divergence {
+                    Divergence::Exact => 0,
+                    Divergence::Hutchinson { probes, .. } => probes,
+                };
+                if given.len() != wanted {
+                    return Err(Error::InvalidParameter(format!(
+                        "{wanted} probes expected for {:?}, got {}; draw them with Divergence::draw_probes",
+                        self.divergence,
+                        given.len()
+                    )));
+                }
+                given.to_vec()
+            }
+        };
         // With both derivatives by autodiff, one backward pass per coordinate serves both.
         let (divergence, ds_dt) = match (self.divergence, self.time_derivative) {
             (Divergence::Exact, TimeDerivative::Autodiff) => {
@@ -243,9 +332,9 @@ impl ScoreFpe {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&columns, 1)?
             }
-            (None, TimeDerivative::FiniteDifference { hs, hd }) => {
-                flatten_batch(&time_derivative_fd(model, &x, &t_plain, hs, hd)?)?
-            }
+            (None, TimeDerivative::FiniteDifference { hs, hd }) => flatten_batch(
+                &time_derivative_fd_within(model, &x, &t_plain, hs, hd, sde.end_time())?,
+            )?,
         };
         Ok(FpeTerms {
             residual: (ds_dt - grad_potential)?,
@@ -253,6 +342,12 @@ impl ScoreFpe {
             diffusion: g,
         })
     }
+}
+
+/// Where the Hutchinson probes of one evaluation come from.
+enum Probes<'p, 'r> {
+    Draw(&'r mut dyn RngCore),
+    Given(&'p [Tensor]),
 }
 
 impl<S: Sde, M: ScoreModel> Regularizer<S, M> for ScoreFpe {

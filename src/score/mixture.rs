@@ -48,8 +48,10 @@ pub struct GaussianMixture {
     dim: usize,
     log_weights: Vec<f64>,
     means: Vec<f64>,
-    /// Eigenvectors of each Σ_k as columns, row-major `[K, d, d]`.
-    eigenvectors: Vec<f64>,
+    /// Eigenvectors of each Σ_k as columns, row-major `[K, d, d]`; `None` when every Σ_k
+    /// is diagonal (the identity), so that isotropic mixtures in high dimension cost
+    /// `O(K·d)` memory, not `O(K·d²)`.
+    eigenvectors: Option<Vec<f64>>,
     /// Eigenvalues of each Σ_k, `[K, d]`.
     eigenvalues: Vec<f64>,
 }
@@ -95,14 +97,35 @@ impl GaussianMixture {
             "means must be finite".into()
         })?;
 
-        let mut eigenvectors = Vec::with_capacity(k * dim * dim);
+        let full = covariances.iter().any(|c| matches!(c, Covariance::Full(_)));
+        let mut eigenvectors = Vec::new();
         let mut eigenvalues = Vec::with_capacity(k * dim);
         for (i, cov) in covariances.iter().enumerate() {
-            let (values, vectors) = eigen_decomposition(cov, dim)
-                .map_err(|msg| Error::InvalidParameter(format!("covariance {i}: {msg}")))?;
+            let invalid = |msg: String| Error::InvalidParameter(format!("covariance {i}: {msg}"));
+            let values = match cov {
+                Covariance::Isotropic(v) => vec![*v; dim],
+                Covariance::Diagonal(v) => {
+                    ensure(v.len() == dim, || {
+                        format!("covariance {i}: diagonal has {} entries, expected {dim}", v.len())
+                    })?;
+                    v.clone()
+                }
+                Covariance::Full(_) => {
+                    let (values, vectors) = eigen_decomposition(cov, dim).map_err(invalid)?;
+                    eigenvectors.extend(vectors);
+                    values
+                }
+            };
+            ensure(values.iter().all(|l| l.is_finite() && *l > 0.0), || {
+                format!("covariance {i}: the matrix must be positive definite with finite entries (eigenvalues {values:?})")
+            })?;
+            if full && !matches!(cov, Covariance::Full(_)) {
+                // Another component is full: this one's eigenbasis is the identity.
+                eigenvectors.extend((0..dim * dim).map(|j| if j % (dim + 1) == 0 { 1.0 } else { 0.0 }));
+            }
             eigenvalues.extend(values);
-            eigenvectors.extend(vectors);
         }
+        let eigenvectors = full.then_some(eigenvectors);
         Ok(Self {
             dim,
             log_weights: weights.iter().map(|w| (w / total).ln()).collect(),
@@ -179,6 +202,7 @@ impl GaussianMixture {
         rng: &mut R,
     ) -> Result<Tensor> {
         let d = self.dim;
+        crate::error::checked_elements(&[n, d], "a mixture sample")?;
         let weights: Vec<f64> = self.log_weights.iter().map(|l| l.exp()).collect();
         let pick = WeightedIndex::new(&weights)
             .map_err(|e| Error::InvalidParameter(format!("mixture weights: {e}")))?;
@@ -191,9 +215,10 @@ impl GaussianMixture {
                 *zj = normal * self.eigenvalues[k * d + j].sqrt();
             }
             for i in 0..d {
-                let rotated: f64 = (0..d)
-                    .map(|j| self.eigenvectors[k * d * d + i * d + j] * z[j])
-                    .sum();
+                let rotated: f64 = match &self.eigenvectors {
+                    Some(u) => (0..d).map(|j| u[k * d * d + i * d + j] * z[j]).sum(),
+                    None => z[i],
+                };
                 let noise: f64 = StandardNormal.sample(rng);
                 out.push(alpha * (self.means[k * d + i] + rotated) + sigma * noise);
             }
@@ -235,8 +260,8 @@ struct Components {
     responsibilities: Tensor,
     /// `C_k⁻¹(x − αμ_k)` in the eigenbasis, `[K, B, d]`.
     whitened: Tensor,
-    /// Eigenvectors, `[K, d, d]`.
-    eigenvectors: Tensor,
+    /// Eigenvectors, `[K, d, d]` (`None`: the identity).
+    eigenvectors: Option<Tensor>,
 }
 
 impl<S: Sde> DiffusedMixture<S> {
@@ -294,11 +319,21 @@ impl<S: Sde> DiffusedMixture<S> {
             )));
         }
         let (dtype, device) = (x.dtype(), x.device());
+        if !matches!(dtype, DType::F32 | DType::F64) {
+            return Err(Error::InvalidParameter(format!(
+                "the mixture's score and density need x in f32 or f64, got {dtype:?}; convert with x.to_dtype(DType::F32)"
+            )));
+        }
+        // The one check of the times: they enter here.
+        crate::sde::time_range(t, self.sde.end_time(), "the diffused mixture")?;
         let constant = |values: &[f64], shape: &[usize]| -> Result<Tensor> {
             Ok(Tensor::from_slice(values, shape, device)?.to_dtype(dtype)?)
         };
         let means = constant(&m.means, &[k, 1, d])?;
-        let eigenvectors = constant(&m.eigenvectors, &[k, d, d])?;
+        let eigenvectors = match &m.eigenvectors {
+            Some(u) => Some(constant(u, &[k, d, d])?),
+            None => None,
+        };
         let eigenvalues = constant(&m.eigenvalues, &[k, 1, d])?;
         let log_weights = constant(&m.log_weights, &[k, 1])?;
 
@@ -308,12 +343,23 @@ impl<S: Sde> DiffusedMixture<S> {
 
         // x − αμ_k in each component's eigenbasis, and the variances α²λ + σ² there.
         let centered = x.unsqueeze(0)?.broadcast_sub(&means.broadcast_mul(&alpha)?)?;
-        let projected = centered.matmul(&eigenvectors)?; // [K, B, d]
+        let projected = match &eigenvectors {
+            Some(u) => centered.matmul(u)?, // [K, B, d]
+            None => centered,
+        };
         let variances = eigenvalues
             .broadcast_mul(&alpha.sqr()?)?
             .broadcast_add(&sigma.sqr()?)?;
         let whitened = (&projected / &variances)?;
-        let quadratic = (&projected * &whitened)?.sum(2)?;
+        // Capped at the dtype's largest value: far from every component (|x| ~ 1e300) the
+        // quadratic form overflows, and ∞ − ∞ in the log-sum-exp would make the score NaN
+        // although it is finite; below the cap (all sane inputs) nothing changes.
+        let largest = if dtype == DType::F64 {
+            f64::MAX
+        } else {
+            f32::MAX as f64
+        };
+        let quadratic = (&projected * &whitened)?.sum(2)?.clamp(0.0, largest)?;
         let log_det = variances.log()?.sum(2)?;
         let log_normal =
             (quadratic + log_det)?.affine(-0.5, -0.5 * d as f64 * (2.0 * std::f64::consts::PI).ln())?;
@@ -337,7 +383,10 @@ impl<S: Sde> ScoreModel for DiffusedMixture<S> {
     fn score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let c = self.components(x, t)?;
         // Back from the eigenbasis: U · (whitened), for each component.
-        let per_component = c.whitened.matmul(&c.eigenvectors.t()?)?; // [K, B, d]
+        let per_component = match &c.eigenvectors {
+            Some(u) => c.whitened.matmul(&u.t()?)?, // [K, B, d]
+            None => c.whitened,
+        };
         let weighted = per_component.broadcast_mul(&c.responsibilities.unsqueeze(2)?)?;
         Ok(weighted.sum(0)?.neg()?.reshape(x.shape())?)
     }

@@ -19,7 +19,7 @@ use crate::kernels::training::{
 };
 use crate::kernels::{DenseView, InferenceScope, Pointwise, ScoreMlpView};
 use crate::regularizer::PenaltyTerms;
-use crate::sde::Sde;
+use crate::sde::{time_range, Sde};
 use crate::train::{ObjectiveGradients, ObjectiveTerms};
 use crate::{Error, Result};
 
@@ -145,6 +145,7 @@ pub(super) fn seeded_linear(
     fan_out: usize,
     rng: &mut StdRng,
 ) -> Result<Linear> {
+    crate::error::checked_elements(&[fan_out, fan_in], "a layer's weight")?;
     let bound = 1.0 / (fan_in as f64).sqrt();
     let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
     let weight_values = draw(fan_in * fan_out);
@@ -326,6 +327,7 @@ impl FourierFeatures {
             format!("the number of Fourier features must be even and >= 2, got {features}")
         })?;
         ensure_positive("the Fourier scale", scale)?;
+        crate::error::checked_elements(&[features / 2], "the Fourier frequencies")?;
         let mut rng = StdRng::seed_from_u64(seed);
         let values = (0..features / 2)
             .map(|_| scale * Distribution::<f64>::sample(&StandardNormal, &mut rng))
@@ -396,6 +398,8 @@ impl Default for MlpConfig {
 ///
 /// Variables (under the builder's prefix): `time.frequencies` (fixed),
 /// `hidden.{i}.weight|bias`, `output.weight|bias`.
+/// Weights from PyTorch load with
+/// [`load_foreign_weights`](crate::train::load_foreign_weights).
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -423,15 +427,10 @@ pub struct MlpScore<S> {
 impl<S: Sde> MlpScore<S> {
     /// Builds the network in `vb` (creating missing variables from `config.seed`).
     ///
-    /// Errors on a zero dimension, width or feature count, an odd feature count, or an
-    /// invalid activation parameter.
+    /// Errors on a zero dimension, width, depth or feature count, an odd feature count, an
+    /// invalid activation parameter, or a builder whose dtype is not f32 or f64.
     pub fn new(vb: VarBuilder, sde: S, config: MlpConfig) -> Result<Self> {
-        ensure(config.dim > 0 && config.width > 0, || {
-            format!(
-                "dim and width must be > 0, got {} and {}",
-                config.dim, config.width
-            )
-        })?;
+        check_network(&vb, config.width, config.depth, config.dim, "MlpScore")?;
         config.activation.validate()?;
         let time = FourierFeatures::new(
             vb.pp("time"),
@@ -467,6 +466,25 @@ impl<S: Sde> MlpScore<S> {
     pub fn config(&self) -> &MlpConfig {
         &self.config
     }
+}
+
+/// Checks what every reference network needs of its builder: f32 or f64 variables (u8
+/// would reach candle's unimplemented integer ops; f16/bf16 cannot resolve small times),
+/// and at least one hidden layer (the fused kernels and the hand-written passes assume one).
+fn check_network(vb: &VarBuilder, width: usize, depth: usize, dim: usize, what: &str) -> Result<()> {
+    ensure(dim > 0 && width > 0, || {
+        format!("{what}: dim and width must be > 0, got {dim} and {width}")
+    })?;
+    ensure(depth > 0, || {
+        format!("{what}: depth (the number of hidden layers) must be >= 1, got 0")
+    })?;
+    ensure(matches!(vb.dtype(), DType::F32 | DType::F64), || {
+        format!(
+            "{what}: the VarBuilder has dtype {:?}; the network needs f32 or f64 variables \
+             (build the VarBuilder with DType::F32 or DType::F64)",
+            vb.dtype()
+        )
+    })
 }
 
 /// Checks `x: [B, d]` and `t: [B]`.
@@ -647,6 +665,7 @@ fn host_values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
 impl<S: Sde> ScoreModel for MlpScore<S> {
     fn score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         check_input(x, t, self.config.dim, "MlpScore")?;
+        super::check_sigma_times(&self.sde, t, "MlpScore")?;
         let dtype = self.time.dtype;
         let (x, t) = (x.to_dtype(dtype)?, t.to_dtype(dtype)?);
         let sigma = self.sde.std_tensor(&t)?;
@@ -707,6 +726,8 @@ impl Default for PotentialConfig {
 /// [`GradientScore`](crate::score::GradientScore).
 ///
 /// Variables (under the builder's prefix): `hidden.{i}.weight|bias`, `output.weight|bias`.
+/// Weights from PyTorch load with
+/// [`load_foreign_weights`](crate::train::load_foreign_weights).
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -730,13 +751,11 @@ pub struct MlpPotential {
 
 impl MlpPotential {
     /// Builds the network in `vb` (creating missing variables from `config.seed`).
+    ///
+    /// Errors on a zero dimension, width or depth, an invalid activation parameter, or a
+    /// builder whose dtype is not f32 or f64.
     pub fn new(vb: VarBuilder, config: PotentialConfig) -> Result<Self> {
-        ensure(config.dim > 0 && config.width > 0, || {
-            format!(
-                "dim and width must be > 0, got {} and {}",
-                config.dim, config.width
-            )
-        })?;
+        check_network(&vb, config.width, config.depth, config.dim, "MlpPotential")?;
         config.activation.validate()?;
         let mut rng = StdRng::seed_from_u64(config.seed);
         let net = Perceptron::new(
@@ -885,6 +904,9 @@ impl MlpPotential {
 
 impl LogDensityModel for MlpPotential {
     fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        // The times enter here (and in `score_values`). It has no SDE, hence no T: they
+        // must be finite and >= 0.
+        time_range(t, f64::INFINITY, "MlpPotential")?;
         Ok(self.net.forward(&self.input(x, t)?)?.squeeze(1)?)
     }
 
@@ -892,6 +914,7 @@ impl LogDensityModel for MlpPotential {
     /// by a hand-written backward pass through candle ops (about twice as fast as autodiff).
     fn score_values(&self, x: &Tensor, t: &Tensor) -> Result<Option<Tensor>> {
         check_input(x, t, self.config.dim, "MlpPotential")?;
+        time_range(t, f64::INFINITY, "MlpPotential")?;
         let kernel = match self.dtype {
             DType::F32 => self.kernel_score::<f32>(x, t)?,
             DType::F64 => self.kernel_score::<f64>(x, t)?,

@@ -101,6 +101,38 @@ pub trait LogDensityModel {
     }
 }
 
+/// Checks a model's output against its input `x`: the same shape and dtype, so that a
+/// wrong model is named as such rather than surfacing as a candle op's mismatch later.
+pub(crate) fn check_score(score: &Tensor, x: &Tensor) -> Result<()> {
+    if score.shape() != x.shape() || score.dtype() != x.dtype() {
+        return Err(crate::Error::Shape(format!(
+            "the score model returned shape {:?} and dtype {:?} for x of shape {:?} and dtype {:?}; \
+             a score has x's shape and dtype",
+            score.dims(),
+            score.dtype(),
+            x.dims(),
+            x.dtype()
+        )));
+    }
+    Ok(())
+}
+
+/// The one check of the times a network `out/σ(t)` takes (they enter there): f32/f64,
+/// finite, within `[0, T]`, and none where `σ(t) = 0` (t = 0 for VP, sub-VP, OU), which
+/// would give ±inf.
+pub(crate) fn check_sigma_times<S: crate::sde::Sde>(sde: &S, t: &Tensor, what: &str) -> Result<()> {
+    if let Some((low, _)) = crate::sde::time_range(t, sde.end_time(), what)? {
+        let sigma = sde.std(low);
+        crate::error::ensure(sigma > 0.0, || {
+            format!(
+                "{what} divides by sigma(t), and sigma({low}) = {sigma}: evaluate at t >= eps > 0 \
+                 (samplers, losses and regularizers stop at eps)"
+            )
+        })?;
+    }
+    Ok(())
+}
+
 mod mixture;
 mod mlp;
 mod pulse;

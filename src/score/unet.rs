@@ -381,14 +381,13 @@ impl<S: Sde> UNetScore<S> {
                 t.dims()
             )));
         }
-        if !x.dtype().is_float() || !t.dtype().is_float() {
+        if !x.dtype().is_float() {
             return Err(Error::Shape(format!(
-                "UNetScore expects floating-point x and t, got {:?} and {:?}",
-                x.dtype(),
-                t.dtype()
+                "UNetScore expects floating-point images, got {:?}",
+                x.dtype()
             )));
         }
-        Ok(())
+        super::check_sigma_times(&self.sde, t, "UNetScore")
     }
 }
 

@@ -1,4 +1,4 @@
-//! Forward SDEs `dx = f(x, t) dt + g(t) dw` with affine drift.
+//! Forward SDEs `dx = f(x, t) dt + g(t) dw` with linear drift `f(x, t) = a(t)·x`.
 //!
 //! Every SDE here has drift `f(x, t) = a(t)·x` and a scalar diffusion `g(t)`, so its
 //! perturbation kernel is Gaussian: `x_t = α(t)·x_0 + σ(t)·z` with `z ~ N(0, I)`
@@ -39,6 +39,9 @@ use crate::{Error, Result};
 ///
 /// Implementors give the scalar coefficients as `f64` functions and as differentiable
 /// tensor functions (which must agree); the rest is provided. See the [module docs](self).
+/// The coefficient functions are building blocks defined on `[0, T]` and do not check
+/// their argument; times are checked where they enter ([`Sde::check_times`], called by
+/// the models and by [`Sde::perturb`]).
 pub trait Sde {
     /// The end time `T` at which the prior is reached.
     fn end_time(&self) -> f64;
@@ -230,6 +233,8 @@ pub trait Sde {
     /// ```
     fn perturb(&self, x0: &Tensor, t: &Tensor, noise: &Tensor) -> Result<Tensor> {
         check_same_shape(x0, noise, "x0", "noise")?;
+        // Times enter here too (σ(t) of a negative time is NaN or a meaningless number).
+        self.check_times(t)?;
         let alpha = per_sample(&self.mean_coeff_tensor(t)?, x0)?;
         let sigma = per_sample(&self.std_tensor(t)?, x0)?;
         Ok((x0.broadcast_mul(&alpha)? + noise.broadcast_mul(&sigma)?)?)
@@ -263,6 +268,67 @@ pub trait Sde {
     fn langevin_alpha(&self, _t: f64, _dt: f64) -> f64 {
         1.0
     }
+
+    /// Checks times where they enter a model: an f32 or f64 tensor of finite values in
+    /// `[0, T]` (`T` up to the rounding of `t`'s precision), else an error that says so.
+    ///
+    /// The crate's models ([`MlpScore`](crate::score::MlpScore),
+    /// [`MlpPotential`](crate::score::MlpPotential), the exact mixtures) call it on every
+    /// evaluation, so samplers, losses, regularizers and the likelihood need not; call it
+    /// in your own [`ScoreModel`](crate::ScoreModel) if it relies on `t ∈ [0, T]`. f16 and
+    /// bf16 are refused: they cannot resolve the small times (ε ≈ 1e-5) where σ(t) and the
+    /// score matter most.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use scoresde::sde::{Sde, VpSde};
+    /// let sde = VpSde::default(); // T = 1
+    /// sde.check_times(&Tensor::new(&[0.0f32, 0.5, 1.0], &Device::Cpu)?)?;
+    /// assert!(sde.check_times(&Tensor::new(&[-0.1f64], &Device::Cpu)?).is_err());
+    /// assert!(sde.check_times(&Tensor::new(&[1.5f64], &Device::Cpu)?).is_err());
+    /// assert!(sde.check_times(&Tensor::new(&[f64::NAN], &Device::Cpu)?).is_err());
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    fn check_times(&self, t: &Tensor) -> Result<()> {
+        time_range(t, self.end_time(), "times").map(|_| ())
+    }
+}
+
+/// [`Sde::check_times`] against end time `end` (infinite for a model without an SDE),
+/// returning the smallest and largest time (`None` for no times).
+pub(crate) fn time_range(t: &Tensor, end: f64, what: &str) -> Result<Option<(f64, f64)>> {
+    let ulp = match t.dtype() {
+        DType::F32 => f32::EPSILON as f64,
+        DType::F64 => f64::EPSILON,
+        other => {
+            return Err(Error::InvalidParameter(format!(
+                "{what}: t has dtype {other:?}; times must be f32 or f64 (f16 and bf16 cannot \
+                 resolve the small times where sigma(t) matters); convert with t.to_dtype(DType::F32)"
+            )))
+        }
+    };
+    let values = t.detach().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let Some(&first) = values.first() else {
+        return Ok(None);
+    };
+    let (mut low, mut high) = (first, first);
+    for &v in &values {
+        if !v.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "{what}: t contains {v}; times must be finite"
+            )));
+        }
+        low = low.min(v);
+        high = high.max(v);
+    }
+    // A time rounded to t's precision may land a few ulps above T.
+    if low < 0.0 || high > end * (1.0 + 4.0 * ulp) {
+        return Err(Error::InvalidParameter(format!(
+            "{what}: times must lie in [0, T = {end}], got values in [{low}, {high}]; samplers, \
+             losses and regularizers stay in [eps, T]"
+        )));
+    }
+    Ok(Some((low, high)))
 }
 
 /// One step of an SDE's discretization: drift `c·x` and noise scale `G` (see
@@ -304,6 +370,14 @@ pub(crate) fn check_log_snr(lambda: f64, lo: f64, hi: f64) -> Result<()> {
             "log-SNR {lambda} is outside the SDE's range [λ(T), λ(0)] = [{lo}, {hi}]; use times in [0, T]"
         )))
     }
+}
+
+/// `1 − e^{2L}` for `L ≤ 0` without cancellation: `tanh(−L)·(1 + e^{2L})`, from
+/// `expm1(y) = tanh(y/2)·(e^y + 1)`. candle has no `expm1`, and `1 − e^{2L}` loses every
+/// digits at small `t` (σ(1e-5) of VP came out 0.6% off in f32).
+pub(crate) fn one_minus_exp2(log_coeff: &Tensor) -> Result<Tensor> {
+    let exp2 = (log_coeff * 2.0)?.exp()?;
+    Ok((log_coeff.neg()?.tanh()? * (exp2 + 1.0)?)?)
 }
 
 /// A per-sample coefficient `[B]` reshaped to broadcast against `x` of shape `[B, …]`.

@@ -27,7 +27,7 @@ pub struct OuSde {
 
 impl OuSde {
     /// The OU SDE with mean reversion `θ`, noise scale `s` and end time `T`, all finite
-    /// and `> 0`.
+    /// and `> 0`, with a prior variance `s²/(2θ)` that f64 can hold.
     ///
     /// ```
     /// let sde = scoresde::sde::OuSde::new(2.0, 1.0, 5.0)?;
@@ -38,11 +38,20 @@ impl OuSde {
         ensure_positive("theta", theta)?;
         ensure_positive("noise scale s", scale)?;
         ensure_positive("end time T", end_time)?;
-        Ok(Self {
+        let sde = Self {
             theta,
             scale,
             end_time,
-        })
+        };
+        // Derived quantities must exist in f64 too (s = 1e200 overflowed the prior variance).
+        let (variance, g2) = (sde.prior_variance(), scale * scale);
+        crate::error::ensure(variance.is_finite() && variance > 0.0 && g2.is_finite(), || {
+            format!(
+                "theta = {theta}, s = {scale}: the prior variance s^2/(2 theta) = {variance:e} and s^2 must be \
+                 finite and positive in f64; rescale the data instead"
+            )
+        })?;
+        Ok(sde)
     }
 
     /// `θ`.

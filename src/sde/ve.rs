@@ -41,11 +41,31 @@ impl VeSde {
         ensure(sigma_max > sigma_min, || {
             format!("sigma_max ({sigma_max}) must be larger than sigma_min ({sigma_min})")
         })?;
-        Ok(Self {
+        Self {
             sigma_min,
             sigma_max,
             end_time: 1.0,
-        })
+        }
+        .checked()
+    }
+
+    /// Errors unless the derived quantities (the ratio `σ_max/σ_min`, the prior variance
+    /// `σ(T)²`, `g(T)`) are finite and the prior variance is positive.
+    fn checked(self) -> Result<Self> {
+        let ratio = self.sigma_max / self.sigma_min;
+        let (variance, g) = (self.prior_variance(), self.diffusion(self.end_time));
+        ensure(
+            ratio.is_finite() && variance.is_finite() && variance > 0.0 && g.is_finite(),
+            || {
+                format!(
+                    "sigma_min = {}, sigma_max = {}, T = {}: sigma_max/sigma_min = {ratio:e} and the prior \
+                 variance sigma(T)^2 = {variance:e} must be finite and positive in f64; choose a smaller \
+                 ratio or end time",
+                    self.sigma_min, self.sigma_max, self.end_time
+                )
+            },
+        )?;
+        Ok(self)
     }
 
     /// The same SDE integrated to end time `T` (default 1). `σ_v(t)` keeps its form, so
@@ -53,7 +73,7 @@ impl VeSde {
     pub fn with_end_time(mut self, end_time: f64) -> Result<Self> {
         ensure_positive("end time T", end_time)?;
         self.end_time = end_time;
-        Ok(self)
+        self.checked()
     }
 
     /// `σ_min`.

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::{AncestralSde, Discretization, Sde};
+use super::{one_minus_exp2, AncestralSde, Discretization, Sde};
 use crate::error::{ensure, ensure_positive};
 use crate::Result;
 
@@ -173,8 +173,7 @@ impl Sde for VpSde {
         Ok(self.beta.log_mean_coeff_tensor(t)?.exp()?)
     }
     fn std_tensor(&self, t: &Tensor) -> Result<Tensor> {
-        let alpha_sq = (self.beta.log_mean_coeff_tensor(t)? * 2.0)?.exp()?;
-        Ok(alpha_sq.affine(-1.0, 1.0)?.sqrt()?)
+        Ok(one_minus_exp2(&self.beta.log_mean_coeff_tensor(t)?)?.sqrt()?)
     }
     /// DDPM's chain: `c = √(1 − β_i) − 1`, `G = √β_i` with `β_i = β(t)·dt`.
     fn discretize(&self, t: f64, dt: f64) -> Discretization {
@@ -244,16 +243,14 @@ impl Sde for SubVpSde {
         Ok((self.beta.beta_tensor(t)? * -0.5)?)
     }
     fn diffusion_tensor(&self, t: &Tensor) -> Result<Tensor> {
-        let alpha4 = (self.beta.log_mean_coeff_tensor(t)? * 4.0)?.exp()?;
-        let discount = alpha4.affine(-1.0, 1.0)?;
+        let discount = one_minus_exp2(&(self.beta.log_mean_coeff_tensor(t)? * 2.0)?)?; // 1 − α⁴
         Ok((self.beta.beta_tensor(t)? * discount)?.sqrt()?)
     }
     fn mean_coeff_tensor(&self, t: &Tensor) -> Result<Tensor> {
         Ok(self.beta.log_mean_coeff_tensor(t)?.exp()?)
     }
     fn std_tensor(&self, t: &Tensor) -> Result<Tensor> {
-        let alpha_sq = (self.beta.log_mean_coeff_tensor(t)? * 2.0)?.exp()?;
-        Ok(alpha_sq.affine(-1.0, 1.0)?)
+        one_minus_exp2(&self.beta.log_mean_coeff_tensor(t)?)
     }
     fn langevin_alpha(&self, t: f64, dt: f64) -> f64 {
         1.0 - self.beta.beta(t) * dt
