@@ -88,6 +88,26 @@ impl Geometry {
             let (x_lo, x_hi) = self.valid(kx, self.width, wo);
             dst[..y_lo * wo].fill(T::zero());
             dst[y_hi * wo..].fill(T::zero());
+            if s == 1 && wo == self.width {
+                // A "same" convolution: the valid rows are one contiguous block of the
+                // image shifted by kx − padding, so copy it at once (per-row copies of a few
+                // dozen values were mostly call overhead) and zero the columns that read
+                // into the neighbouring row.
+                let shift = kx as isize - self.padding as isize;
+                let rows = &mut dst[y_lo * wo..y_hi * wo];
+                let start = (c * plane + (y_lo + ky - self.padding) * self.width) as isize + shift;
+                let (lo, hi) = (start.max(0) as usize, (start + rows.len() as isize) as usize);
+                let skip = (lo as isize - start) as usize;
+                let len = (hi.min(image.len()) - lo).min(rows.len() - skip);
+                rows[skip..skip + len].copy_from_slice(&image[lo..lo + len]);
+                rows[skip + len..].fill(T::zero());
+                rows[..skip].fill(T::zero());
+                for row in rows.chunks_exact_mut(wo) {
+                    row[..x_lo].fill(T::zero());
+                    row[x_hi..].fill(T::zero());
+                }
+                continue;
+            }
             for oy in y_lo..y_hi {
                 let iy = oy * s + ky - self.padding;
                 let src = &image[c * plane + iy * self.width..][..self.width];
