@@ -106,6 +106,7 @@ pub mod data;
 mod error;
 mod kernels;
 pub mod likelihood;
+mod linalg;
 pub mod loss;
 pub mod metrics;
 pub mod random;

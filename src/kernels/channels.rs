@@ -242,6 +242,13 @@ fn group_rows(x: &Tensor, groups: usize) -> candle_core::Result<(usize, usize)> 
     Ok((dims[0] * groups, x.elem_count() / (dims[0] * groups)))
 }
 
+/// A row's mean and `1/√(var + eps)` (two passes, so no cancellation).
+fn mean_and_inverse_std<T: Real>(row: &[T], count: T, eps: T) -> (T, T) {
+    let mean = row.iter().fold(T::zero(), |a, &v| a + v) / count;
+    let var = row.iter().fold(T::zero(), |a, &v| a + (v - mean) * (v - mean)) / count;
+    (mean, T::one() / (var + eps).sqrt())
+}
+
 struct GroupNormalize {
     groups: usize,
     eps: f64,
@@ -258,9 +265,7 @@ impl CustomOp1 for GroupNormalize {
             let eps = T::from(eps).unwrap_or_else(T::zero);
             let count = T::from(n).unwrap_or_else(T::one);
             out.par_chunks_mut(n.max(1)).for_each(|row| {
-                let mean = row.iter().fold(T::zero(), |a, &v| a + v) / count;
-                let var = row.iter().fold(T::zero(), |a, &v| a + (v - mean) * (v - mean)) / count;
-                let inv = T::one() / (var + eps).sqrt();
+                let (mean, inv) = mean_and_inverse_std(row, count, eps);
                 row.iter_mut().for_each(|v| *v = (*v - mean) * inv);
             });
             out
@@ -323,9 +328,7 @@ impl CustomOp2 for GroupNormBackward {
             out.par_chunks_mut(n.max(1))
                 .zip(x.par_chunks(n.max(1)).zip(g.par_chunks(n.max(1))))
                 .for_each(|(out, (x, g))| {
-                    let mean = x.iter().fold(T::zero(), |a, &v| a + v) / count;
-                    let var = x.iter().fold(T::zero(), |a, &v| a + (v - mean) * (v - mean)) / count;
-                    let inv = T::one() / (var + eps).sqrt();
+                    let (mean, inv) = mean_and_inverse_std(x, count, eps);
                     let g_mean = g.iter().fold(T::zero(), |a, &v| a + v) / count;
                     let gx_mean = x
                         .iter()

@@ -25,7 +25,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::training::Real;
+use super::training::{matmul, Real};
 
 /// The geometry of a square-kernel convolution of `[B, C, H, W]` activations with a
 /// `[C', C, k, k]` kernel.
@@ -156,20 +156,7 @@ impl Geometry {
             |cols, (b, y_b)| {
                 self.extract(x, b, cols);
                 // SAFETY: y_b is [C', P], W [C', K] and cols [K, P], all row-major.
-                unsafe {
-                    gemm(
-                        self.c_out,
-                        p,
-                        k,
-                        y_b.as_mut_ptr(),
-                        p,
-                        false,
-                        w,
-                        (1, k),
-                        cols,
-                        (1, p),
-                    )
-                };
+                unsafe { matmul((self.c_out, p, k), y_b, false, w, (1, k), cols, (1, p)) };
             },
         );
         y
@@ -187,20 +174,7 @@ impl Geometry {
                 |cols, (b, x_b)| {
                     let y_b = &y_bar[b * self.c_out * p..][..self.c_out * p];
                     // SAFETY: Wᵀ[K, C'] reads w[c'·K + r]; ȳ_b is [C', P] row-major.
-                    unsafe {
-                        gemm(
-                            k,
-                            p,
-                            self.c_out,
-                            cols.as_mut_ptr(),
-                            p,
-                            false,
-                            w,
-                            (k, 1),
-                            y_b,
-                            (1, p),
-                        )
-                    };
+                    unsafe { matmul((k, p, self.c_out), cols, false, w, (k, 1), y_b, (1, p)) };
                     self.scatter(cols, x_b);
                 },
             );
@@ -221,12 +195,9 @@ impl Geometry {
                     self.extract(x, b, &mut cols);
                     // SAFETY: ȳ_b is [C', P] row-major; cols_bᵀ[P, K] reads cols[r·P + j].
                     unsafe {
-                        gemm(
-                            self.c_out,
-                            k,
-                            p,
-                            w_bar.as_mut_ptr(),
-                            k,
+                        matmul(
+                            (self.c_out, k, p),
+                            &mut w_bar,
                             true,
                             &y_bar[b * self.c_out * p..][..self.c_out * p],
                             (1, p),
@@ -244,48 +215,6 @@ impl Geometry {
         }
         total
     }
-}
-
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, `dst` with column stride 1 and row stride
-/// `dst_rs`, the operands with `(column, row)` strides.
-///
-/// # Safety
-/// Every index reached for the given sizes and strides lies inside its buffer.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm<T: Real>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut T,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[T],
-    (lhs_cs, lhs_rs): (usize, usize),
-    rhs: &[T],
-    (rhs_cs, rhs_rs): (usize, usize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.as_ptr(),
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs.as_ptr(),
-        rhs_cs as isize,
-        rhs_rs as isize,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
-        // Threads split the images instead.
-        gemm::Parallelism::None,
-    );
 }
 
 /// The contiguous values of a CPU tensor's storage, checked against `shape`.

@@ -268,7 +268,7 @@ impl Jets {
 /// # Safety
 /// Every index `i·rs + j·cs` reached for the given sizes must lie inside the slice.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul<T: Real>(
+pub(crate) unsafe fn matmul<T: Real>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     accumulate: bool,
@@ -299,7 +299,7 @@ unsafe fn matmul<T: Real>(
         false,
         false,
         false,
-        // Threads split the batch instead (`ScoreMlp::gradients`).
+        // Callers split the work across threads instead (the batch, or the images).
         gemm::Parallelism::None,
     );
 }

@@ -433,47 +433,7 @@ fn eigen_decomposition(cov: &Covariance, d: usize) -> std::result::Result<(Vec<f
             }
         }
     }
-    let mut v = vec![0.0; d * d];
-    (0..d).for_each(|i| v[i * d + i] = 1.0);
-    for _sweep in 0..100 {
-        let off: f64 = (0..d)
-            .flat_map(|i| (0..d).filter(move |&j| j != i).map(move |j| (i, j)))
-            .map(|(i, j)| a[i * d + j].powi(2))
-            .sum();
-        if off <= 1e-30 * scale.max(f64::MIN_POSITIVE).powi(2) {
-            break;
-        }
-        for p in 0..d {
-            for q in p + 1..d {
-                let apq = a[p * d + q];
-                if apq == 0.0 {
-                    continue;
-                }
-                // Rotation that zeroes a[p][q] (Golub & Van Loan, sym. Schur 2×2).
-                let tau = (a[q * d + q] - a[p * d + p]) / (2.0 * apq);
-                let t = tau.signum() / (tau.abs() + (1.0 + tau * tau).sqrt());
-                let t = if tau == 0.0 { 1.0 } else { t };
-                let c = 1.0 / (1.0 + t * t).sqrt();
-                let s = t * c;
-                for k in 0..d {
-                    let (akp, akq) = (a[k * d + p], a[k * d + q]);
-                    a[k * d + p] = c * akp - s * akq;
-                    a[k * d + q] = s * akp + c * akq;
-                }
-                for k in 0..d {
-                    let (apk, aqk) = (a[p * d + k], a[q * d + k]);
-                    a[p * d + k] = c * apk - s * aqk;
-                    a[q * d + k] = s * apk + c * aqk;
-                }
-                for k in 0..d {
-                    let (vkp, vkq) = (v[k * d + p], v[k * d + q]);
-                    v[k * d + p] = c * vkp - s * vkq;
-                    v[k * d + q] = s * vkp + c * vkq;
-                }
-            }
-        }
-    }
-    let values: Vec<f64> = (0..d).map(|i| a[i * d + i]).collect();
+    let (values, v) = crate::linalg::symmetric_eigen(&a, d);
     if values.iter().any(|l| l.is_nan() || *l <= 0.0) {
         return Err(format!(
             "the matrix must be positive definite (eigenvalues {values:?})"
