@@ -426,6 +426,30 @@ impl Divergence {
         }
     }
 
+    /// `Error::InvalidParameter` unless `probes` holds as many probes as this method
+    /// draws (none for `Exact`): for probes a caller supplies.
+    ///
+    /// ```
+    /// use scoresde::autodiff::{Divergence, Probe};
+    /// let two = Divergence::Hutchinson { probe: Probe::Rademacher, probes: 2 };
+    /// assert!(two.check_probes(&[]).is_err());
+    /// assert!(Divergence::Exact.check_probes(&[]).is_ok());
+    /// ```
+    pub fn check_probes(&self, probes: &[Tensor]) -> Result<()> {
+        let wanted = match self {
+            Divergence::Exact => 0,
+            Divergence::Hutchinson { probes, .. } => *probes,
+        };
+        if probes.len() == wanted {
+            Ok(())
+        } else {
+            Err(Error::InvalidParameter(format!(
+                "{wanted} probes expected for {self:?}, got {}; draw them with Divergence::draw_probes",
+                probes.len()
+            )))
+        }
+    }
+
     /// `∇·y` per sample, `[B]`, with probes from [`Self::draw_probes`].
     pub fn evaluate(&self, y: &Tensor, x: &Tensor, probes: &[Tensor]) -> Result<Tensor> {
         match self {

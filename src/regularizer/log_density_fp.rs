@@ -213,17 +213,7 @@ impl LogDensityFp {
         probes: &[Tensor],
     ) -> Result<Tensor> {
         check_points(x, t)?;
-        let wanted = match self.divergence {
-            Divergence::Exact => 0,
-            Divergence::Hutchinson { probes, .. } => probes,
-        };
-        if probes.len() != wanted {
-            return Err(Error::InvalidParameter(format!(
-                "{wanted} probes expected for {:?}, got {}; draw them with Divergence::draw_probes",
-                self.divergence,
-                probes.len()
-            )));
-        }
+        self.divergence.check_probes(probes)?;
         self.residual_checked(sde, model, x, t, probes)
     }
 

@@ -287,17 +287,7 @@ impl ScoreFpe {
         let probes = match probes {
             Probes::Draw(rng) => self.divergence.draw_probes(&x, rng)?,
             Probes::Given(given) => {
-                let wanted = match self.divergence {
-                    Divergence::Exact => 0,
-                    Divergence::Hutchinson { probes, .. } => probes,
-                };
-                if given.len() != wanted {
-                    return Err(Error::InvalidParameter(format!(
-                        "{wanted} probes expected for {:?}, got {}; draw them with Divergence::draw_probes",
-                        self.divergence,
-                        given.len()
-                    )));
-                }
+                self.divergence.check_probes(given)?;
                 given.to_vec()
             }
         };
