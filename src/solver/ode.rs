@@ -441,6 +441,16 @@ impl OdeSolver for Rk45 {
             format!("integration bounds must be finite and distinct, got {t0} and {t1}")
         })?;
         ensure_finite(y0, || "the initial state contains NaN or infinity".into())?;
+        // Its error control needs more resolution than half precision has.
+        ensure(
+            matches!(y0.dtype(), candle_core::DType::F32 | candle_core::DType::F64),
+            || {
+                format!(
+                    "RK45 integrates f32 or f64 states, got {:?}: convert with to_dtype(DType::F32)",
+                    y0.dtype()
+                )
+            },
+        )?;
         let direction = (t1 - t0).signum();
         let span = (t1 - t0).abs();
         let mut f = Counter { system, nfe: 0 };
@@ -458,7 +468,16 @@ impl OdeSolver for Rk45 {
         while direction * (t1 - t) > 0.0 {
             let min_step = 10.0 * (t.abs() * f64::EPSILON).max(f64::MIN_POSITIVE);
             let mut step_rejected = false;
+            let mut not_finite = false;
             let (y_new, k_last, h_done) = loop {
+                if h < min_step && not_finite {
+                    // Shrinking never gave a finite error estimate: the vector field (the
+                    // score) returns NaN or infinity here, which no step size cures.
+                    return Err(Error::NonFinite(format!(
+                        "the vector field gave NaN or infinity at every step tried near t = {t}: \
+                         check the score model at this time (RK45 shrank its step to {h:e} without a finite error estimate)"
+                    )));
+                }
                 if h < min_step {
                     return Err(Error::StepSizeUnderflow { t, step: h });
                 }
@@ -501,6 +520,7 @@ impl OdeSolver for Rk45 {
                     break (y_new, k_new, t_new);
                 }
                 // Rejected (a NaN error norm lands here too and shrinks the step).
+                not_finite = !error_norm.is_finite();
                 let shrink = if error_norm.is_finite() {
                     MIN_FACTOR.max(SAFETY * error_norm.powf(-0.2))
                 } else {
