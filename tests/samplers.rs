@@ -420,3 +420,23 @@ fn pulse_error_adds_its_shift_inside_the_window_only() -> scoresde::Result<()> {
     ));
     Ok(())
 }
+
+/// On a grid too coarse for VP's Langevin step factor `1 − β(t)dt` (10 steps: β(1)·0.1 = 2),
+/// the corrector says so instead of taking a NaN step; 30 steps are fine.
+#[test]
+fn langevin_on_too_coarse_a_grid_is_an_error() {
+    let sde = VpSde::default();
+    let exact = data().diffused(sde);
+    let mut rng = StdRng::seed_from_u64(3);
+    let x_t = sde.sample_prior((16, 2), DType::F64, &Device::Cpu, &mut rng).unwrap();
+    let pc = |steps: usize| {
+        PredictorCorrector::new(ReverseDiffusion, steps)
+            .with_corrector(Langevin::new(0.16, 1).unwrap())
+            .sample(&sde, &exact, &x_t, &mut StdRng::seed_from_u64(4))
+    };
+    match pc(10) {
+        Err(Error::InvalidParameter(msg)) => assert!(msg.contains("more steps"), "{msg}"),
+        other => panic!("expected an error about the grid, got {other:?}"),
+    }
+    assert!(pc(30).is_ok());
+}

@@ -232,6 +232,13 @@ impl Corrector for Langevin {
         rng: &mut R,
     ) -> Result<Tensor> {
         let alpha = sde.langevin_alpha(t, dt);
+        // VP's α = 1 − β(t)·dt turns negative on coarse grids, and √(2·step) would be NaN.
+        ensure(alpha > 0.0, || {
+            format!(
+                "the Langevin corrector's step factor 1 - beta(t)*dt = {alpha} is not positive at t = {t} \
+                 (dt = {dt}): use more steps, so that beta(t)*dt < 1"
+            )
+        })?;
         let times = time_like(t, x)?;
         let mut x = x.clone();
         for _ in 0..self.steps {
