@@ -428,7 +428,9 @@ fn langevin_on_too_coarse_a_grid_is_an_error() {
     let sde = VpSde::default();
     let exact = data().diffused(sde);
     let mut rng = StdRng::seed_from_u64(3);
-    let x_t = sde.sample_prior((16, 2), DType::F64, &Device::Cpu, &mut rng).unwrap();
+    let x_t = sde
+        .sample_prior((16, 2), DType::F64, &Device::Cpu, &mut rng)
+        .unwrap();
     let pc = |steps: usize| {
         PredictorCorrector::new(ReverseDiffusion, steps)
             .with_corrector(Langevin::new(0.16, 1).unwrap())
@@ -439,4 +441,44 @@ fn langevin_on_too_coarse_a_grid_is_an_error() {
         other => panic!("expected an error about the grid, got {other:?}"),
     }
     assert!(pc(30).is_ok());
+}
+
+/// One rule for a sampler's own grid: from T down to ε > 0, the grid's end being ε. Every
+/// sampler that takes a grid refuses one that starts elsewhere, and an ODE sampler on a
+/// fixed grid needs no ε beside it.
+#[test]
+fn every_sampler_applies_one_grid_rule() {
+    use scoresde::solver::{FewStep, TimeGrid};
+    let sde = VpSde::default();
+    let exact = data().diffused(sde);
+    let mut rng = StdRng::seed_from_u64(5);
+    let x_t = sde
+        .sample_prior((8, 2), DType::F64, &Device::Cpu, &mut rng)
+        .unwrap();
+    let late = TimeGrid::new(vec![1.5, 1.0, 0.5, 1e-3]).unwrap();
+    let early = TimeGrid::new(vec![0.9, 0.5, 1e-3]).unwrap();
+    for grid in [late, early] {
+        let pc = PredictorCorrector::euler_maruyama(grid.clone()).sample(&sde, &exact, &x_t, &mut rng);
+        let ode = OdeSampler::new(Euler::new(grid.clone())).sample(&sde, &exact, &x_t, &mut rng);
+        let few = FewStep::dpmpp_2m(1)
+            .unwrap()
+            .with_grid(grid.clone())
+            .unwrap()
+            .sample(&sde, &exact, &x_t, &mut rng);
+        for (name, r) in [
+            ("pc", pc.map(|_| ())),
+            ("ode", ode.map(|_| ())),
+            ("few", few.map(|_| ())),
+        ] {
+            assert!(matches!(r, Err(Error::InvalidParameter(_))), "{name}: {r:?}");
+        }
+    }
+    // From T: the grid's own end is ε, with no with_eps needed.
+    let grid = TimeGrid::new(vec![1.0, 0.5, 0.1, 0.02]).unwrap();
+    assert!(OdeSampler::new(Euler::new(grid.clone()))
+        .sample(&sde, &exact, &x_t, &mut rng)
+        .is_ok());
+    assert!(PredictorCorrector::euler_maruyama(grid)
+        .sample(&sde, &exact, &x_t, &mut rng)
+        .is_ok());
 }

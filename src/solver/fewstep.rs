@@ -240,13 +240,7 @@ impl FewStep {
     /// # Ok::<(), scoresde::Error>(())
     /// ```
     pub fn with_grid(mut self, grid: TimeGrid) -> Result<Self> {
-        ensure(grid.end() < grid.start() && grid.end() > 0.0, || {
-            format!(
-                "a sampling grid must decrease to a time > 0; got {} -> {}",
-                grid.start(),
-                grid.end()
-            )
-        })?;
+        grid.check_reverse()?;
         self.steps = grid.steps();
         self.grid = Some(grid);
         Ok(self)
@@ -297,13 +291,7 @@ impl<S: Sde> Sampler<S> for FewStep {
         check_start(x_end)?;
         let grid = match &self.grid {
             Some(grid) => {
-                ensure(grid.start() <= sde.end_time(), || {
-                    format!(
-                        "the grid starts at {} after the SDE's end time {}",
-                        grid.start(),
-                        sde.end_time()
-                    )
-                })?;
+                grid.check_sampling(sde.end_time())?;
                 grid.clone()
             }
             None => {

@@ -180,6 +180,34 @@ impl TimeGrid {
     pub fn end(&self) -> f64 {
         self.times[self.times.len() - 1]
     }
+
+    /// The part of the sampling rule a grid can be checked for alone: decreasing, to a
+    /// time > 0.
+    pub(crate) fn check_reverse(&self) -> Result<()> {
+        ensure(self.end() < self.start() && self.end() > 0.0, || {
+            format!(
+                "a sampling grid must decrease to a time > 0; got {} -> {}",
+                self.start(),
+                self.end()
+            )
+        })
+    }
+
+    /// The one rule for a sampler's own grid, checked once when it samples: decreasing,
+    /// from the SDE's end time `T` (to rounding) down to a time `ε > 0`, which is then the
+    /// sampler's `ε` (an `ε` set beside a grid is not used).
+    pub(crate) fn check_sampling(&self, end_time: f64) -> Result<()> {
+        self.check_reverse()?;
+        ensure(
+            (self.start() - end_time).abs() <= 1e-12 * end_time.abs().max(1.0),
+            || {
+                format!(
+                    "a sampling grid must start at the SDE's end time T = {end_time}, got {}",
+                    self.start()
+                )
+            },
+        )
+    }
 }
 
 /// `(λ(from), λ(to))` after checking the step count and that both times lie in `[0, T]`

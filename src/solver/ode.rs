@@ -54,6 +54,13 @@ pub struct OdeSolution {
 pub trait OdeSolver {
     /// Integrates `system` from `y(t0) = y0` to `t1`.
     fn solve<F: OdeSystem + ?Sized>(&self, system: &F, y0: &Tensor, t0: f64, t1: f64) -> Result<OdeSolution>;
+
+    /// The solver's own time grid, if it steps on one: [`OdeSampler`] then integrates
+    /// from `T` to the grid's end (its `ε`). `None` (the default) for step counts and
+    /// adaptive solvers.
+    fn grid(&self) -> Option<&super::TimeGrid> {
+        None
+    }
 }
 
 /// The probability-flow ODE `dx/dt = f(x, t) − ½g(t)² s(x, t)` of an SDE and a score model.
@@ -136,6 +143,13 @@ impl Euler {
 }
 
 impl OdeSolver for Euler {
+    fn grid(&self) -> Option<&super::TimeGrid> {
+        match &self.schedule {
+            StepSchedule::Grid(grid) => Some(grid),
+            StepSchedule::Uniform(_) => None,
+        }
+    }
+
     fn solve<F: OdeSystem + ?Sized>(&self, system: &F, y0: &Tensor, t0: f64, t1: f64) -> Result<OdeSolution> {
         fixed_step(&self.schedule, system, y0, t0, t1, |f, t, h, y| {
             Ok((y + (f.eval(t, y)? * h)?)?)
@@ -170,6 +184,13 @@ impl Heun {
 }
 
 impl OdeSolver for Heun {
+    fn grid(&self) -> Option<&super::TimeGrid> {
+        match &self.schedule {
+            StepSchedule::Grid(grid) => Some(grid),
+            StepSchedule::Uniform(_) => None,
+        }
+    }
+
     fn solve<F: OdeSystem + ?Sized>(&self, system: &F, y0: &Tensor, t0: f64, t1: f64) -> Result<OdeSolution> {
         fixed_step(&self.schedule, system, y0, t0, t1, |f, t, h, y| {
             let k1 = f.eval(t, y)?;
@@ -580,7 +601,8 @@ impl<O: OdeSolver> OdeSampler<O> {
         self
     }
 
-    /// The same sampler ending at `ε > 0`.
+    /// The same sampler ending at `ε > 0` (not used when the solver steps on its own
+    /// [`TimeGrid`](super::TimeGrid), which must run from `T` and ends at its `ε`).
     pub fn with_eps(mut self, eps: f64) -> Result<Self> {
         ensure_positive("eps", eps)?;
         self.eps = eps;
@@ -602,21 +624,28 @@ impl<S: Sde, O: OdeSolver> Sampler<S> for OdeSampler<O> {
         _rng: &mut R,
     ) -> Result<Samples> {
         check_start(x_end)?;
-        ensure(self.eps < sde.end_time(), || {
+        // A solver on its own grid ends where the grid does (the one grid rule).
+        let eps = match self.solver.grid() {
+            Some(grid) => {
+                grid.check_sampling(sde.end_time())?;
+                grid.end()
+            }
+            None => self.eps,
+        };
+        ensure(eps < sde.end_time(), || {
             format!(
-                "eps ({}) must be below the SDE's end time ({})",
-                self.eps,
+                "eps ({eps}) must be below the SDE's end time ({})",
                 sde.end_time()
             )
         })?;
         // Samples are never differentiated: models may skip building a graph.
         let _inference = crate::kernels::InferenceScope::enter();
         let flow = ProbabilityFlow::new(sde, model);
-        let solution = self.solver.solve(&flow, x_end, sde.end_time(), self.eps)?;
+        let solution = self.solver.solve(&flow, x_end, sde.end_time(), eps)?;
         let mut stats = solution.stats;
         let x = if self.denoise {
             stats.nfe += 1;
-            super::denoise(sde, model, &solution.y, self.eps)?
+            super::denoise(sde, model, &solution.y, eps)?
         } else {
             solution.y
         };

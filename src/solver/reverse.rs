@@ -350,16 +350,16 @@ impl<S: Sde, P: Predictor<S>, C: Corrector> Sampler<S> for PredictorCorrector<P,
     ) -> Result<Samples> {
         check_start(x_end)?;
         let grid = match &self.schedule {
-            StepSchedule::Grid(grid) => grid.clone(),
-            uniform => uniform.resolve(sde.end_time(), self.eps)?,
+            StepSchedule::Grid(grid) => {
+                grid.check_sampling(sde.end_time())?;
+                grid.clone()
+            }
+            uniform => {
+                let grid = uniform.resolve(sde.end_time(), self.eps)?;
+                grid.check_reverse()?;
+                grid
+            }
         };
-        ensure(grid.end() < grid.start() && grid.end() > 0.0, || {
-            format!(
-                "a reverse-time grid must decrease to a time > 0; got {} -> {}",
-                grid.start(),
-                grid.end()
-            )
-        })?;
         // Samples are never differentiated: models may skip building a graph.
         let _inference = crate::kernels::InferenceScope::enter();
         let model = Counted::new(model);
