@@ -235,11 +235,17 @@ pub(crate) fn group_normalize(x: &Tensor, groups: usize, eps: f64) -> candle_cor
 
 /// `(B·G, C/G·H·W)`: the rows GroupNorm normalizes.
 fn group_rows(x: &Tensor, groups: usize) -> candle_core::Result<(usize, usize)> {
-    let dims = x.dims();
+    let n = row_length(x.shape(), groups)?;
+    Ok((x.elem_count() / n.max(1), n))
+}
+
+/// `C/G·H·W`, the length of each row GroupNorm normalizes, for a `[B, C, …]` shape.
+fn row_length(shape: &Shape, groups: usize) -> candle_core::Result<usize> {
+    let dims = shape.dims();
     if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
         candle_core::bail!("group norm: {groups} groups do not divide the channels of {dims:?}");
     }
-    Ok((dims[0] * groups, x.elem_count() / (dims[0] * groups)))
+    Ok(shape.elem_count() / (dims[0] * groups).max(1))
 }
 
 /// A row's mean and `1/√(var + eps)` (two passes, so no cancellation).
@@ -273,14 +279,7 @@ impl CustomOp1 for GroupNormalize {
         let Some((start, end)) = layout.contiguous_offsets() else {
             return Err(candle_core::Error::RequiresContiguous { op: self.name() });
         };
-        let dims = layout.shape().dims();
-        if dims.len() < 2 || dims[1] % self.groups != 0 {
-            candle_core::bail!(
-                "group norm: {} groups do not divide the channels of {dims:?}",
-                self.groups
-            );
-        }
-        let n = layout.shape().elem_count() / (dims[0] * self.groups).max(1);
+        let n = row_length(layout.shape(), self.groups)?;
         let out = match storage {
             CpuStorage::F32(x) => CpuStorage::F32(normalize(&x[start..end], n, self.eps)),
             CpuStorage::F64(x) => CpuStorage::F64(normalize(&x[start..end], n, self.eps)),
@@ -348,14 +347,7 @@ impl CustomOp2 for GroupNormBackward {
                 l2.shape()
             );
         }
-        let dims = l1.shape().dims();
-        if dims.len() < 2 || dims[1] % self.groups != 0 {
-            candle_core::bail!(
-                "group norm: {} groups do not divide the channels of {dims:?}",
-                self.groups
-            );
-        }
-        let n = l1.shape().elem_count() / (dims[0] * self.groups).max(1);
+        let n = row_length(l1.shape(), self.groups)?;
         let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
             return Err(candle_core::Error::RequiresContiguous { op: self.name() });
         };
