@@ -27,7 +27,8 @@
 //! Data: `--data DIR` (default `/usr/share/datasets/fashion-mnist`, where Debian's
 //! `apt-get install dataset-fashion-mnist` puts it).
 //!
-//! Run: `cargo run --release --example fashion_mnist` (defaults: about 30 min on 2 cores);
+//! Run: `cargo run --release --example fashion_mnist` (defaults: 17 min as measured on a shared
+//! 2-core machine, docs/theory.md §10);
 //! options `--steps --batch --lr --resume --checkpoint-every --em-steps --test-images
 //! --fpe-steps --fpe-weight --out --data`.
 
