@@ -10,6 +10,11 @@ use super::{Dataset, Empirical};
 use crate::{Error, Result};
 
 /// Where Debian's `dataset-fashion-mnist` package installs Fashion-MNIST.
+///
+/// ```
+/// let dir = std::path::Path::new(scoresde::data::FASHION_MNIST_DIR);
+/// assert!(dir.ends_with("fashion-mnist"));
+/// ```
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
 /// The contents of an IDX file of unsigned bytes (type code `0x08`): the format of
@@ -114,6 +119,11 @@ impl IdxArray {
 }
 
 /// Which part of a dataset split into training and test files.
+///
+/// ```
+/// use scoresde::data::Split;
+/// assert_ne!(Split::Train, Split::Test);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
     /// The training images (`train-*`: 60,000 for (Fashion-)MNIST).
@@ -178,6 +188,17 @@ impl ImageDataset {
 
     /// Images (and labels, if a path is given) from IDX files: `[N, rows, columns]` images
     /// become `[N, 1, rows, columns]`.
+    ///
+    /// ```no_run
+    /// use std::path::Path;
+    /// let dir = Path::new("/usr/share/datasets/fashion-mnist");
+    /// let data = scoresde::data::ImageDataset::from_idx(
+    ///     dir.join("t10k-images-idx3-ubyte.gz"),
+    ///     Some(&dir.join("t10k-labels-idx1-ubyte.gz")),
+    /// )?;
+    /// assert_eq!(data.len(), 10_000);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
     pub fn from_idx(images: impl AsRef<Path>, labels: Option<&Path>) -> Result<Self> {
         let path = images.as_ref();
         let idx = IdxArray::read(path)?;

@@ -358,6 +358,17 @@ impl<S: Sde> UNetScore<S> {
     }
 
     /// The configuration the network was built with.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use scoresde::score::{UNetConfig, UNetScore};
+    /// let config = UNetConfig { height: 8, width: 8, widths: vec![8], time_features: 8, groups: 4, ..Default::default() };
+    /// let vars = VarMap::new();
+    /// let model = UNetScore::new(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu), scoresde::sde::VpSde::default(), config.clone())?;
+    /// assert_eq!(model.config(), &config);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
     pub fn config(&self) -> &UNetConfig {
         &self.config
     }

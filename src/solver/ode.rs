@@ -58,6 +58,14 @@ pub trait OdeSolver {
     /// The solver's own time grid, if it steps on one: [`OdeSampler`] then integrates
     /// from `T` to the grid's end (its `ε`). `None` (the default) for step counts and
     /// adaptive solvers.
+    ///
+    /// ```
+    /// use scoresde::solver::{Euler, OdeSolver, Rk45, TimeGrid};
+    /// let grid = TimeGrid::new(vec![1.0, 0.5, 0.01])?;
+    /// assert_eq!(Euler::new(grid).grid().map(|g| g.end()), Some(0.01));
+    /// assert!(Rk45::default().grid().is_none());
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
     fn grid(&self) -> Option<&super::TimeGrid> {
         None
     }
