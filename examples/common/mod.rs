@@ -13,7 +13,7 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 use scoresde::data::Dataset;
 use scoresde::sde::Sde;
-use scoresde::train::{FitReport, Objective, Trainer};
+use scoresde::train::{FitReport, Objective, StepReport, Trainer};
 use scoresde::ScoreModel;
 
 pub type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -26,23 +26,32 @@ pub fn fit_with_progress<S: Sde, M: ScoreModel, D: Dataset + ?Sized>(
     data: &D,
     steps: usize,
 ) -> BoxResult<FitReport> {
-    let bar = ProgressBar::new(steps as u64).with_style(ProgressStyle::with_template(
+    let bar = training_bar(label, steps)?;
+    let report = trainer.fit(objective, data, steps, |step| show_step(&bar, step))?;
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+/// A progress bar for `total` training steps: position, steps/s and the latest losses.
+fn training_bar(label: &str, total: usize) -> BoxResult<ProgressBar> {
+    let bar = ProgressBar::new(total as u64).with_style(ProgressStyle::with_template(
         "{prefix:9} {elapsed_precise} [{bar:40}] {pos}/{len} steps, {per_sec} {msg}",
     )?);
     bar.set_prefix(label.to_string());
-    let report = trainer.fit(objective, data, steps, |step| {
-        bar.inc(1);
-        if step.step % 50 == 0 {
-            let penalties: String = step
-                .penalties
-                .iter()
-                .map(|p| format!(" penalty {p:.3}"))
-                .collect();
-            bar.set_message(format!("dsm {:.3}{penalties}", step.dsm));
-        }
-    })?;
-    bar.finish_and_clear();
-    Ok(report)
+    Ok(bar)
+}
+
+/// Advances `bar` by one step, showing the DSM loss and penalties every 10 steps.
+fn show_step(bar: &ProgressBar, step: &StepReport) {
+    bar.inc(1);
+    if step.step % 10 == 0 {
+        let penalties: String = step
+            .penalties
+            .iter()
+            .map(|p| format!(" penalty {p:.3e}"))
+            .collect();
+        bar.set_message(format!("dsm {:.4}{penalties}", step.dsm));
+    }
 }
 
 /// Trains until the trainer has taken `total` steps (it may start part-way, from a
@@ -57,25 +66,12 @@ pub fn fit_with_checkpoints<S: Sde, M: ScoreModel, D: Dataset + ?Sized>(
     every: usize,
     path: &std::path::Path,
 ) -> BoxResult<()> {
-    let bar = ProgressBar::new(total as u64).with_style(ProgressStyle::with_template(
-        "{prefix:9} {elapsed_precise} [{bar:40}] {pos}/{len} steps, {per_sec} {msg}",
-    )?);
-    bar.set_prefix(label.to_string());
+    let bar = training_bar(label, total)?;
     bar.set_position(trainer.step_count().min(total) as u64);
     bar.reset_eta();
     while trainer.step_count() < total {
         let chunk = every.max(1).min(total - trainer.step_count());
-        trainer.fit(objective, data, chunk, |step| {
-            bar.inc(1);
-            if step.step % 10 == 0 {
-                let penalties: String = step
-                    .penalties
-                    .iter()
-                    .map(|p| format!(" penalty {p:.3e}"))
-                    .collect();
-                bar.set_message(format!("dsm {:.4}{penalties}", step.dsm));
-            }
-        })?;
+        trainer.fit(objective, data, chunk, |step| show_step(&bar, step))?;
         trainer.save_checkpoint(path)?;
     }
     bar.finish_and_clear();

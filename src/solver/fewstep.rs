@@ -8,7 +8,9 @@
 use candle_core::Tensor;
 use rand::Rng;
 
-use super::{check_start, ensure_finite, Counted, Sampler, Samples, SolverStats, Spacing, TimeGrid};
+use super::{
+    check_start, check_state, ensure_finite, Counted, Sampler, Samples, SolverStats, Spacing, TimeGrid,
+};
 use crate::error::{ensure, ensure_positive};
 use crate::random::standard_normal;
 use crate::sde::Sde;
@@ -392,10 +394,6 @@ fn multistep_order(order: usize, i: usize, n: usize, always_lower_final: bool) -
     } else {
         warm
     }
-}
-
-fn check_state(x: &Tensor, t: f64, i: usize) -> Result<()> {
-    ensure_finite(x, || format!("the sampler's state blew up at t = {t} (step {i})"))
 }
 
 /// DPM-Solver++(2M)/(3M) (`dpm_solver_pytorch.py`, `multistep_dpm_solver_*_update`,

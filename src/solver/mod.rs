@@ -143,6 +143,11 @@ pub(crate) fn ensure_finite(x: &Tensor, what: impl FnOnce() -> String) -> Result
     }
 }
 
+/// `Error::NonFinite` naming the time and step unless a sampler's state is finite.
+pub(crate) fn check_state(x: &Tensor, t: f64, i: usize) -> Result<()> {
+    ensure_finite(x, || format!("the sampler's state blew up at t = {t} (step {i})"))
+}
+
 /// Rejects starting points that are not a batch or not finite.
 pub(crate) fn check_start(x: &Tensor) -> Result<()> {
     if x.rank() < 2 || x.dim(0)? == 0 {

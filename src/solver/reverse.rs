@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use rand::Rng;
 
-use super::{check_start, ensure_finite, time_like, Counted, Sampler, Samples, SolverStats, StepSchedule};
+use super::{check_start, time_like, Counted, Sampler, Samples, SolverStats, StepSchedule};
 use crate::error::{ensure, ensure_positive};
 use crate::random::standard_normal;
 use crate::sde::{AncestralSde, Sde};
@@ -372,9 +372,7 @@ impl<S: Sde, P: Predictor<S>, C: Corrector> Sampler<S> for PredictorCorrector<P,
             // Detached, so that a model with trainable weights does not keep every step's
             // graph alive (samples are not differentiable in the weights).
             x = self.predictor.step(sde, &model, &x, t, dt, !last, rng)?.detach();
-            ensure_finite(&x, || {
-                format!("the sampler's state blew up at t = {t} (step {i})")
-            })?;
+            super::check_state(&x, t, i)?;
         }
         if self.denoise {
             x = super::denoise(sde, &model, &x, grid.end())?;
