@@ -1095,6 +1095,97 @@ pub fn torch_sequential_names(depth: usize, ours: &str, theirs: &str) -> Vec<(St
     names
 }
 
+/// The name map between [`MlpPotential`](crate::score::MlpPotential) with 3 hidden layers
+/// and the network of Deveney et al. (2025) (`models.Net` in teojd/ODESDEGap):
+/// `input|hidden1|hidden2|output.{weight,bias}`, `nn.Linear` weights `[out, in]`, input
+/// `[t, x]`, as this crate's. For [`load_foreign_weights`] and [`save_foreign_weights`];
+/// `scripts/deveney_reference.py convert` writes the released checkpoints in this layout.
+///
+/// ```
+/// let names = scoresde::train::deveney_names();
+/// assert_eq!(names[0], ("hidden.0.weight".to_string(), "input.weight".to_string()));
+/// assert_eq!(names[7], ("output.bias".to_string(), "output.bias".to_string()));
+/// ```
+pub fn deveney_names() -> Vec<(String, String)> {
+    ["input", "hidden1", "hidden2", "output"]
+        .iter()
+        .enumerate()
+        .flat_map(|(layer, theirs)| {
+            let ours = if layer < 3 {
+                format!("hidden.{layer}")
+            } else {
+                "output".into()
+            };
+            ["weight", "bias"].map(|part| (format!("{ours}.{part}"), format!("{theirs}.{part}")))
+        })
+        .collect()
+}
+
+/// Writes the variables of `varmap` to a safetensors file under other names, for another
+/// framework: each variable `ours` as tensor `theirs` for every `(ours, theirs)` in
+/// `names` (every variable must have exactly one entry). The inverse of
+/// [`load_foreign_weights`]; values keep their dtype and must be finite.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use scoresde::score::{MlpPotential, PotentialConfig};
+/// use scoresde::train::{deveney_names, load_foreign_weights, save_foreign_weights};
+///
+/// let vars = VarMap::new();
+/// MlpPotential::new(VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu), PotentialConfig::default())?;
+/// let path = std::env::temp_dir().join("scoresde-save-foreign-doc.safetensors");
+/// save_foreign_weights(&path, &vars, &deveney_names())?; // input.weight: [80, 3], …
+/// let file = candle_core::safetensors::load(&path, &Device::Cpu)?;
+/// assert_eq!(file["input.weight"].dims(), [80, 3]);
+/// // And back, into a network with other initial weights.
+/// let copy = VarMap::new();
+/// let config = PotentialConfig { seed: 1, ..Default::default() };
+/// MlpPotential::new(VarBuilder::from_varmap(&copy, DType::F32, &Device::Cpu), config)?;
+/// load_foreign_weights(&path, &copy, &deveney_names())?;
+/// let w = |v: &VarMap| v.data().lock().unwrap()["output.weight"].as_tensor().to_vec2::<f32>();
+/// assert_eq!(w(&vars)?, w(&copy)?);
+/// # std::fs::remove_file(&path)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn save_foreign_weights(
+    path: impl AsRef<Path>,
+    varmap: &VarMap,
+    names: &[(String, String)],
+) -> Result<()> {
+    let path = path.as_ref();
+    let vars = lock_vars(varmap)?;
+    let ours: HashMap<&str, &str> = names.iter().map(|(o, t)| (o.as_str(), t.as_str())).collect();
+    if ours.len() != names.len() || vars.len() != names.len() {
+        return Err(Error::Checkpoint(format!(
+            "the name map needs exactly one (ours, theirs) pair per variable: {} variables, {} pairs",
+            vars.len(),
+            names.len()
+        )));
+    }
+    let mut tensors = HashMap::with_capacity(vars.len());
+    for (name, var) in &vars {
+        let Some(theirs) = ours.get(name.as_str()) else {
+            return Err(Error::Checkpoint(format!(
+                "the name map has no entry for the variable '{name}'"
+            )));
+        };
+        let value = var.as_tensor().detach();
+        let host = value.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        if host.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Checkpoint(format!(
+                "'{name}' holds a non-finite value: not written to {}",
+                path.display()
+            )));
+        }
+        if tensors.insert(theirs.to_string(), value).is_some() {
+            return Err(Error::Checkpoint(format!("two variables map to '{theirs}'")));
+        }
+    }
+    candle_core::safetensors::save(&tensors, path)?;
+    Ok(())
+}
+
 /// Loads weights written by another framework (a PyTorch `state_dict` saved with
 /// `safetensors.torch.save_file`) into the variables of `varmap`, taking each variable
 /// `ours` from the file's tensor `theirs` for every `(ours, theirs)` in `names`.

@@ -41,7 +41,9 @@ use crate::score::{Covariance, GaussianMixture};
 use crate::{Error, Result};
 
 mod images;
+mod npy;
 pub use images::{IdxArray, ImageDataset, Split, FASHION_MNIST_DIR};
+pub use npy::read_npy;
 
 /// A distribution to draw training batches from.
 ///

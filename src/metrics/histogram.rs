@@ -58,6 +58,30 @@ impl Grid {
         }
     }
 
+    /// The grid whose cell centres are the `nodes` evenly spaced points from `lo` to `hi`
+    /// inclusive (NumPy's `linspace(lo, hi, nodes)`), so that binning a point to its cell
+    /// is binning it to its nearest node: the box is `[lo − h/2, hi + h/2]` with
+    /// `h = (hi − lo)/(nodes − 1)`. Deveney et al. (2025) bin on `Grid::nodes(−3.5, 3.5, 64)`
+    /// and take transport costs on `Grid::nodes(−4, 4, 64)` (see [`Histogram::with_grid`]).
+    /// Errors unless `lo < hi` are finite and `2 ≤ nodes ≤ 65,536`.
+    ///
+    /// ```
+    /// use scoresde::metrics::Grid;
+    /// let grid = Grid::nodes(-3.5, 3.5, 64)?;
+    /// assert!((grid.centre(0) + 3.5).abs() < 1e-12 && (grid.centre(63) - 3.5).abs() < 1e-12);
+    /// assert!((grid.cell_width() - 1.0 / 9.0).abs() < 1e-12);
+    /// assert!(Grid::nodes(0.0, 1.0, 1).is_err());
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn nodes(lo: f64, hi: f64, nodes: usize) -> Result<Self> {
+        ensure(nodes >= 2, || {
+            format!("a grid of nodes needs at least 2 nodes, got {nodes}")
+        })?;
+        Grid::new(lo, hi, nodes)?;
+        let half = (hi - lo) / (nodes - 1) as f64 / 2.0;
+        Grid::new(lo - half, hi + half, nodes)
+    }
+
     /// Cells per axis.
     pub fn bins(&self) -> usize {
         self.bins
@@ -142,6 +166,90 @@ impl Histogram {
             counts: occupied.into_iter().map(|(_, count)| count).collect(),
             outside,
         })
+    }
+
+    /// A histogram from counts on every cell of `grid` in `dim` dimensions, in C order of an
+    /// array indexed `[k₀, k₁, …]` (the first coordinate's cell slowest); `counts` has
+    /// `bins^dim` entries and a positive total. Use it for histograms binned elsewhere,
+    /// such as Deveney et al.'s released ones (NumPy's `meshgrid` order is `[k₁, k₀]`
+    /// in two dimensions: transpose first).
+    ///
+    /// ```
+    /// use scoresde::metrics::{Grid, Histogram};
+    /// let grid = Grid::new(0.0, 2.0, 2)?;
+    /// // Cells (0, 0), (0, 1), (1, 0), (1, 1): three points at (0.5, 1.5), one at (1.5, 0.5).
+    /// let h = Histogram::from_counts(grid, 2, &[0, 3, 1, 0])?;
+    /// assert_eq!(h.cells(), vec![(vec![0.5, 1.5], 0.75), (vec![1.5, 0.5], 0.25)]);
+    /// assert!(Histogram::from_counts(grid, 2, &[1, 2, 3]).is_err());
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn from_counts(grid: Grid, dim: usize, counts: &[u64]) -> Result<Self> {
+        ensure(dim >= 1, || "a histogram needs at least one dimension".into())?;
+        let expected = (grid.bins as u64)
+            .checked_pow(dim as u32)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| {
+                Error::InvalidParameter(format!(
+                    "a grid of {} bins per axis has too many cells in {dim} dimensions",
+                    grid.bins
+                ))
+            })?;
+        ensure(counts.len() == expected, || {
+            format!(
+                "{dim}-D counts on {} bins per axis need {expected} entries, got {}",
+                grid.bins,
+                counts.len()
+            )
+        })?;
+        let total = counts.iter().try_fold(0u64, |sum, &c| sum.checked_add(c));
+        ensure(matches!(total, Some(t) if t > 0), || {
+            "the counts must have a positive total that fits in 64 bits".into()
+        })?;
+        let mut cells = Vec::new();
+        let mut kept = Vec::new();
+        for (index, &count) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
+            let mut rest = index;
+            let start = cells.len();
+            cells.resize(start + dim, 0);
+            for axis in (0..dim).rev() {
+                cells[start + axis] = (rest % grid.bins) as u32;
+                rest /= grid.bins;
+            }
+            kept.push(count);
+        }
+        Ok(Self {
+            grid,
+            dim,
+            cells,
+            counts: kept,
+            outside: 0,
+        })
+    }
+
+    /// The same counts with cell `k` of its grid placed at cell `k` of `grid` (which must
+    /// have as many bins): transport costs are then taken in `grid`'s geometry. Deveney et
+    /// al. (2025) bin on `Grid::nodes(−3.5, 3.5, 64)` but compute costs on
+    /// `Grid::nodes(−4, 4, 64)`, which scales every W2² by `(8/7)²`.
+    ///
+    /// ```
+    /// use scoresde::metrics::{Grid, Histogram};
+    /// let (binned, costs) = (Grid::nodes(-3.5, 3.5, 64)?, Grid::nodes(-4.0, 4.0, 64)?);
+    /// let x = Histogram::from_counts(binned, 1, &[1; 64])?;
+    /// let mut one = vec![0; 64];
+    /// one[0] = 64;
+    /// let y = Histogram::from_counts(binned, 1, &one)?;
+    /// let ratio = x.with_grid(costs)?.w2_squared(&y.with_grid(costs)?)? / x.w2_squared(&y)?;
+    /// assert!((ratio - (8.0f64 / 7.0).powi(2)).abs() < 1e-12);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn with_grid(&self, grid: Grid) -> Result<Self> {
+        ensure(grid.bins == self.grid.bins, || {
+            format!(
+                "with_grid needs a grid of the same {} bins per axis, got {}",
+                self.grid.bins, grid.bins
+            )
+        })?;
+        Ok(Self { grid, ..self.clone() })
     }
 
     /// The grid it was binned on.
