@@ -97,7 +97,7 @@ fn main() -> common::BoxResult<()> {
         ema_decay: 0.0,    // and no weight averaging
         ..Default::default()
     };
-    let time_grid = TimeGrid::refined_tail(sde.end_time(), EPS, sample_steps, 10, 10)?;
+    let time_grid = TimeGrid::deveney(sde.end_time(), EPS, sample_steps)?;
     let report = GapReport::new(
         OdeSampler::new(Euler::new(time_grid.clone())).with_eps(EPS)?,
         PredictorCorrector::euler_maruyama(time_grid).with_eps(EPS)?,

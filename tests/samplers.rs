@@ -189,10 +189,10 @@ fn probability_flow_solvers_sample_the_mixture() {
         6,
     );
     assert_eq!(nfe, 1000);
-    // ode_sde_gap's sampler: OU to T = 10, 800 Euler steps with a refined tail.
-    let grid = scoresde::solver::TimeGrid::refined_tail(10.0, 1e-5, 800, 10, 10).unwrap();
-    let euler = OdeSampler::new(Euler::new(grid)).with_eps(1e-5).unwrap();
-    check("euler/ou-refined", OuSde::default(), &euler, 9);
+    // Deveney et al.'s sampler: OU to T = 10, 800 Euler steps with a refined tail.
+    let grid = scoresde::solver::TimeGrid::deveney(10.0, 1e-5, 800).unwrap();
+    let euler = OdeSampler::new(Euler::new(grid));
+    check("euler/ou-deveney", OuSde::default(), &euler, 9);
 }
 
 /// Dormand–Prince with FSAL: one evaluation at the start, one to pick the first step, and

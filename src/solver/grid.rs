@@ -73,9 +73,9 @@ impl TimeGrid {
         Self::new(times)
     }
 
-    /// Deveney et al.'s sampling grid: `steps` equal steps from `from` to `to`, with the
-    /// last `tail` of them each split into `factor` equal steps (their paper uses 800
-    /// steps from T = 10 with the last 10 refined tenfold).
+    /// `steps` equal steps from `from` to `to`, with the last `tail` of them each split into
+    /// `factor` equal steps: a uniform grid refined where the score changes fastest. (For
+    /// Deveney et al.'s grid, whose steps divide `[0, T]`, see [`Self::deveney`].)
     ///
     /// ```
     /// let grid = scoresde::solver::TimeGrid::refined_tail(10.0, 1e-5, 800, 10, 10)?;
@@ -94,6 +94,38 @@ impl TimeGrid {
             times.extend((1..factor).map(|j| w[0] + h * j as f64));
             times.push(w[1]);
         }
+        Self::new(times)
+    }
+
+    /// Deveney et al.'s (2025) sampling grid, as their `simulate_rode`/`simulate_rsde` step:
+    /// `steps − 10` steps of `h = end/steps` from `end`, then 100 of `h/10`, which would end
+    /// at 0; the last node is `eps` instead (samplers end at `ε > 0`), so the last step runs
+    /// from `h/10` to `eps`. The paper uses `steps = 800` (400 in its validation plots) from
+    /// `T = 10`. Errors unless `10 < steps`, `end` is finite and `0 < eps < h/10`.
+    ///
+    /// ```
+    /// let grid = scoresde::solver::TimeGrid::deveney(10.0, 1e-5, 800)?;
+    /// let t = grid.times();
+    /// assert_eq!((grid.steps(), t[0], t[790]), (890, 10.0, 10.0 - 790.0 * 0.0125));
+    /// assert!((t[889] - 0.00125).abs() < 1e-15 && t[890] == 1e-5);
+    /// assert!(scoresde::solver::TimeGrid::deveney(10.0, 0.01, 800).is_err()); // eps > h/10
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn deveney(end: f64, eps: f64, steps: usize) -> Result<Self> {
+        ensure(steps > 10 && steps <= MAX_GRID_STEPS, || {
+            format!("Deveney et al.'s grid needs 10 < steps <= {MAX_GRID_STEPS}, got {steps}")
+        })?;
+        ensure(end.is_finite() && end > 0.0, || {
+            format!("the grid's end time must be finite and > 0, got {end}")
+        })?;
+        let h = end / steps as f64;
+        ensure(eps > 0.0 && eps < h / 10.0, || {
+            format!("eps must lie in (0, {}) (the last fine step), got {eps}", h / 10.0)
+        })?;
+        let coarse = steps - 10;
+        let mut times: Vec<f64> = (0..=coarse).map(|k| end - h * k as f64).collect();
+        times.extend((1..100).map(|j| h * 10.0 * (1.0 - j as f64 / 100.0)));
+        times.push(eps);
         Self::new(times)
     }
 
