@@ -57,6 +57,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::error::finite_result;
 use crate::sde::per_sample;
 use crate::{Error, Result, ScoreModel};
 
@@ -126,7 +127,7 @@ pub fn grad(y: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// gradient graphs; only differentiating its result again needs the guard.
 pub(crate) fn grad_unguarded(y: &Tensor, x: &Tensor) -> Result<Tensor> {
     let [g] = checked_grads("grad", y, [x])?;
-    Ok(g)
+    finite_result(g, "grad", &[("y", y)])
 }
 
 /// The gradients of `y.sum()` with respect to several leaves from one backward pass,
@@ -145,7 +146,11 @@ pub(crate) fn grad_unguarded(y: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// ```
 pub fn grads<const N: usize>(y: &Tensor, leaves: [&Tensor; N]) -> Result<[Tensor; N]> {
     ensure_higher_order_gradients()?;
-    checked_grads("grads", y, leaves)
+    let gradients = checked_grads("grads", y, leaves)?;
+    for g in &gradients {
+        finite_result(g.clone(), "grads", &[("y", y)])?;
+    }
+    Ok(gradients)
 }
 
 /// [`grads`] without the guard, after checking its inputs for `func`'s errors.
@@ -271,7 +276,11 @@ fn divergence_exact_unguarded(y: &Tensor, x: &Tensor) -> Result<Tensor> {
     let diagonal = (0..d)
         .map(|i| Ok(rows[i][0].reshape((b, d))?.narrow(1, i, 1)?))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&diagonal, 1)?.sum(1)?)
+    finite_result(
+        Tensor::cat(&diagonal, 1)?.sum(1)?,
+        "divergence_exact",
+        &[("y", y)],
+    )
 }
 
 /// One backward pass per coordinate `yᵢ` of `y_flat` (`[B, d]`): the gradients of
@@ -519,7 +528,11 @@ fn divergence_hutchinson_unguarded(y: &Tensor, x: &Tensor, probes: &[Tensor]) ->
         });
     }
     let total = total.ok_or_else(|| Error::InvalidParameter("no probes".into()))?;
-    Ok((total / probes.len() as f64)?)
+    finite_result(
+        (total / probes.len() as f64)?,
+        "divergence_hutchinson",
+        &[("y", y)],
+    )
 }
 
 // ---------------------------------------------------------------------------------------

@@ -101,6 +101,58 @@ impl std::fmt::Debug for Error {
 /// `Result` with the crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// `Error::NonFinite` unless every entry of `x` is finite.
+pub(crate) fn ensure_finite(x: &candle_core::Tensor, what: impl FnOnce() -> String) -> Result<()> {
+    // A sum of finite values is finite unless it overflows, which is a blow-up too.
+    let total = x
+        .to_dtype(candle_core::DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    if total.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::NonFinite(what()))
+    }
+}
+
+/// Whether every entry of `x` is finite (integer tensors always are).
+pub(crate) fn is_finite(x: &candle_core::Tensor) -> Result<bool> {
+    if !x.dtype().is_float() {
+        return Ok(true);
+    }
+    // x·0 is 0 where x is finite and NaN where it is NaN or ±inf; a sum of zeros cannot
+    // overflow, so only a non-finite entry makes the sum NaN.
+    let probe = x.detach().affine(0.0, 0.0)?.sum_all()?;
+    Ok(probe
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?
+        .is_finite())
+}
+
+/// `value` if every entry is finite; otherwise `Error::NonFinite` saying whether one of the
+/// named `inputs` already held NaN or inf, or the computation overflowed. For the building
+/// blocks (scores, perturbations, derivatives, residuals): NaN in never becomes NaN out.
+pub(crate) fn finite_result(
+    value: candle_core::Tensor,
+    what: &str,
+    inputs: &[(&str, &candle_core::Tensor)],
+) -> Result<candle_core::Tensor> {
+    if is_finite(&value)? {
+        return Ok(value);
+    }
+    for (name, input) in inputs {
+        if !is_finite(input)? {
+            return Err(Error::NonFinite(format!(
+                "{what}: the input {name} holds NaN or inf; check the data (or the state) you pass"
+            )));
+        }
+    }
+    Err(Error::NonFinite(format!(
+        "{what} is not finite although its inputs are: values far outside the data's scale \
+         overflow (rescale the inputs, or check the model's weights)"
+    )))
+}
+
 /// Returns `Err(Error::InvalidParameter)` with `msg` unless `ok`.
 pub(crate) fn ensure(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if ok {

@@ -246,7 +246,11 @@ impl LogDensityFp {
         // ∇·f + ⟨f, ∇u⟩ = a·(d + ⟨x, ∇u⟩)
         let transport = ((&x_flat * &s_flat)?.sum(1)? + d)?.mul(&a)?;
         let diffusion = ((laplacian + s_flat.sqr()?.sum(1)?)? * half_g2)?;
-        Ok(((du_dt + transport)? - diffusion)?)
+        crate::error::finite_result(
+            ((du_dt + transport)? - diffusion)?,
+            "the log-density Fokker–Planck residual",
+            &[("x", &x)],
+        )
     }
 }
 

@@ -221,7 +221,8 @@ impl ScoreFpe {
         t: &Tensor,
         rng: &mut dyn RngCore,
     ) -> Result<Tensor> {
-        Ok(self.terms(sde, model, x, t, rng)?.residual)
+        let residual = self.terms(sde, model, x, t, rng)?.residual;
+        crate::error::finite_result(residual, "the score-FPE residual", &[("x", x)])
     }
 
     /// [`Self::residual`] with the Hutchinson probes given rather than drawn: none for the
@@ -254,7 +255,8 @@ impl ScoreFpe {
         t: &Tensor,
         probes: &[Tensor],
     ) -> Result<Tensor> {
-        Ok(self.terms_with(sde, model, x, t, Probes::Given(probes))?.residual)
+        let residual = self.terms_with(sde, model, x, t, Probes::Given(probes))?.residual;
+        crate::error::finite_result(residual, "the score-FPE residual", &[("x", x)])
     }
 
     fn terms<S: Sde, M: ScoreModel>(

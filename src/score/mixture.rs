@@ -388,14 +388,16 @@ impl<S: Sde> ScoreModel for DiffusedMixture<S> {
             None => c.whitened,
         };
         let weighted = per_component.broadcast_mul(&c.responsibilities.unsqueeze(2)?)?;
-        Ok(weighted.sum(0)?.neg()?.reshape(x.shape())?)
+        let score = weighted.sum(0)?.neg()?.reshape(x.shape())?;
+        crate::error::finite_result(score, "the mixture's score", &[("x", x)])
     }
 }
 
 impl<S: Sde> LogDensityModel for DiffusedMixture<S> {
     /// The exact, normalized `log p_t(x)`.
     fn log_density(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        Ok(self.components(x, t)?.log_density)
+        let log_density = self.components(x, t)?.log_density;
+        crate::error::finite_result(log_density, "the mixture's log-density", &[("x", x)])
     }
 }
 

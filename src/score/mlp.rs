@@ -667,14 +667,16 @@ impl<S: Sde> ScoreModel for MlpScore<S> {
         check_input(x, t, self.config.dim, "MlpScore")?;
         super::check_sigma_times(&self.sde, t, "MlpScore")?;
         let dtype = self.time.dtype;
-        let (x, t) = (x.to_dtype(dtype)?, t.to_dtype(dtype)?);
+        let (x_in, t) = (x.to_dtype(dtype)?, t.to_dtype(dtype)?);
         let sigma = self.sde.std_tensor(&t)?;
-        if let Some(score) = self.fused_score(&x, &t, &sigma)? {
-            return Ok(score);
-        }
-        let input = Tensor::cat(&[&x, &self.time.forward(&t)?], 1)?;
-        let out = self.net.forward(&input)?;
-        Ok(out.broadcast_div(&sigma.unsqueeze(1)?)?)
+        let score = match self.fused_score(&x_in, &t, &sigma)? {
+            Some(score) => score,
+            None => {
+                let input = Tensor::cat(&[&x_in, &self.time.forward(&t)?], 1)?;
+                self.net.forward(&input)?.broadcast_div(&sigma.unsqueeze(1)?)?
+            }
+        };
+        crate::error::finite_result(score, "MlpScore's score", &[("x", x)])
     }
 
     /// By hand (`kernels::training`) when the variables are f32 or f64 on the CPU and the
@@ -907,7 +909,8 @@ impl LogDensityModel for MlpPotential {
         // The times enter here (and in `score_values`). It has no SDE, hence no T: they
         // must be finite and >= 0.
         time_range(t, f64::INFINITY, "MlpPotential")?;
-        Ok(self.net.forward(&self.input(x, t)?)?.squeeze(1)?)
+        let u = self.net.forward(&self.input(x, t)?)?.squeeze(1)?;
+        crate::error::finite_result(u, "MlpPotential's log-density", &[("x", x)])
     }
 
     /// By the kernels' forward-mode pass (f32/f64 on the CPU, Softplus, SiLU or tanh), else

@@ -179,6 +179,22 @@ impl<M: LogDensityModel> GradientScore<M> {
 impl<M: LogDensityModel> ScoreModel for GradientScore<M> {
     /// `∇ₓu(x, t)`, shape of `x`. Guarded unless values-only with an untracked `x`.
     fn score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        crate::error::finite_result(self.unchecked_score(x, t)?, "GradientScore's score", &[("x", x)])
+    }
+
+    /// The wrapped model's hand-written pass, if it has one (not for values-only
+    /// wrappers, whose scores carry no gradient).
+    fn objective_gradients(&self, terms: &ObjectiveTerms<'_>) -> Result<Option<ObjectiveGradients>> {
+        if self.values_only {
+            return Ok(None);
+        }
+        self.inner.objective_gradients(terms)
+    }
+}
+
+impl<M: LogDensityModel> GradientScore<M> {
+    /// [`ScoreModel::score`] before the finiteness check.
+    fn unchecked_score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         if x.is_variable() {
             let u = self.checked_log_density(x, t)?;
             return autodiff::grad(&u, x);
@@ -195,15 +211,6 @@ impl<M: LogDensityModel> ScoreModel for GradientScore<M> {
         } else {
             autodiff::grad(&u, &x_leaf)
         }
-    }
-
-    /// The wrapped model's hand-written pass, if it has one (not for values-only
-    /// wrappers, whose scores carry no gradient).
-    fn objective_gradients(&self, terms: &ObjectiveTerms<'_>) -> Result<Option<ObjectiveGradients>> {
-        if self.values_only {
-            return Ok(None);
-        }
-        self.inner.objective_gradients(terms)
     }
 }
 

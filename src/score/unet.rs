@@ -434,6 +434,6 @@ impl<S: Sde> ScoreModel for UNetScore<S> {
         }
         let out = self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)?;
         let sigma = self.sde.std_tensor(&t)?.reshape((x.dim(0)?, 1, 1, 1))?;
-        Ok(out.broadcast_div(&sigma)?)
+        crate::error::finite_result(out.broadcast_div(&sigma)?, "UNetScore's score", &[("x", &x)])
     }
 }

@@ -237,7 +237,11 @@ pub trait Sde {
         self.check_times(t)?;
         let alpha = per_sample(&self.mean_coeff_tensor(t)?, x0)?;
         let sigma = per_sample(&self.std_tensor(t)?, x0)?;
-        Ok((x0.broadcast_mul(&alpha)? + noise.broadcast_mul(&sigma)?)?)
+        crate::error::finite_result(
+            (x0.broadcast_mul(&alpha)? + noise.broadcast_mul(&sigma)?)?,
+            "perturb",
+            &[("x0", x0), ("noise", noise)],
+        )
     }
 
     /// The SDE's own one-step discretization from `t` to `t − dt` (score_sde `discretize`):

@@ -120,7 +120,10 @@ impl TimeGrid {
         })?;
         let h = end / steps as f64;
         ensure(eps > 0.0 && eps < h / 10.0, || {
-            format!("eps must lie in (0, {}) (the last fine step), got {eps}", h / 10.0)
+            format!(
+                "eps must lie in (0, {}) (the last fine step), got {eps}",
+                h / 10.0
+            )
         })?;
         let coarse = steps - 10;
         let mut times: Vec<f64> = (0..=coarse).map(|k| end - h * k as f64).collect();

@@ -132,16 +132,7 @@ pub(crate) fn time_like(t: f64, x: &Tensor) -> Result<Tensor> {
     Ok(Tensor::full(t, x.dim(0)?, x.device())?.to_dtype(x.dtype())?)
 }
 
-/// `Error::NonFinite` unless every entry of `x` is finite.
-pub(crate) fn ensure_finite(x: &Tensor, what: impl FnOnce() -> String) -> Result<()> {
-    // A sum of finite values is finite unless it overflows, which is a blow-up too.
-    let total = x.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-    if total.is_finite() {
-        Ok(())
-    } else {
-        Err(Error::NonFinite(what()))
-    }
-}
+pub(crate) use crate::error::ensure_finite;
 
 /// `Error::NonFinite` naming the time and step unless a sampler's state is finite.
 pub(crate) fn check_state(x: &Tensor, t: f64, i: usize) -> Result<()> {
