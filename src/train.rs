@@ -451,6 +451,30 @@ pub struct ObjectiveGradients {
     pub gradients: Vec<(Tensor, Tensor)>,
 }
 
+/// How the learning rate falls after the warmup. A falling rate lets the last iterate
+/// settle: with a constant rate it keeps fluctuating at a level set by the rate and the
+/// gradient noise, which small batches make large (as do DSM's heavy-tailed small-time
+/// terms).
+///
+/// ```
+/// use scoresde::train::LrDecay;
+/// assert_eq!(LrDecay::default(), LrDecay::Constant);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum LrDecay {
+    /// The peak rate throughout.
+    #[default]
+    Constant,
+    /// Half a cosine from the peak down to `floor`·peak over `steps` steps after the
+    /// warmup, then `floor`·peak (SGDR's schedule without restarts).
+    Cosine {
+        /// Steps from the peak to the floor.
+        steps: usize,
+        /// The final rate as a fraction of the peak, in `[0, 1]`.
+        floor: f64,
+    },
+}
+
 /// The trainer's settings. Defaults are the peers' benchmark workload (AdamW with
 /// candle-nn's and PyTorch's defaults, learning rate 1e-3, batch 512, no warmup, no
 /// clipping) plus an EMA of rate 0.999 for sampling.
@@ -468,6 +492,8 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     /// Linear warmup: the learning rate is `lr·min(1, (k + 1)/warmup_steps)` at step `k`.
     pub warmup_steps: usize,
+    /// How the learning rate falls after the warmup (constant by default).
+    pub decay: LrDecay,
     /// Decoupled weight decay `λ` of AdamW (`θ ← θ(1 − lr·λ) − …`).
     pub weight_decay: f64,
     /// AdamW's `(β₁, β₂)`.
@@ -491,6 +517,7 @@ impl Default for TrainConfig {
             batch_size: 512,
             learning_rate: 1e-3,
             warmup_steps: 0,
+            decay: LrDecay::Constant,
             weight_decay: 0.01,
             betas: (0.9, 0.999),
             adam_eps: 1e-8,
@@ -516,25 +543,42 @@ impl TrainConfig {
         if let Some(c) = self.grad_clip {
             ensure_positive("grad_clip", c)?;
         }
+        if let LrDecay::Cosine { steps, floor } = self.decay {
+            ensure(steps > 0 && (0.0..=1.0).contains(&floor), || {
+                format!("a cosine decay needs steps > 0 and a floor in [0, 1], got {steps} and {floor}")
+            })?;
+        }
         ensure((0.0..1.0).contains(&self.ema_decay), || {
             format!("ema_decay must lie in [0, 1), got {}", self.ema_decay)
         })
     }
 
-    /// The learning rate at step `k` (warmup included).
+    /// The learning rate at step `k` (warmup and decay included).
     ///
     /// ```
-    /// use scoresde::train::TrainConfig;
+    /// use scoresde::train::{LrDecay, TrainConfig};
     /// let c = TrainConfig { learning_rate: 1e-3, warmup_steps: 10, ..Default::default() };
     /// assert!((c.learning_rate_at(4) - 5e-4).abs() < 1e-15);
     /// assert_eq!(c.learning_rate_at(100), 1e-3);
+    /// let cosine = TrainConfig { decay: LrDecay::Cosine { steps: 100, floor: 0.1 }, ..c };
+    /// assert!((cosine.learning_rate_at(60) - 5.5e-4).abs() < 1e-15); // halfway down
+    /// assert!((cosine.learning_rate_at(110) - 1e-4).abs() < 1e-15); // the floor from here on
     /// ```
     pub fn learning_rate_at(&self, step: usize) -> f64 {
-        if self.warmup_steps == 0 {
-            self.learning_rate
+        let warmup = if self.warmup_steps == 0 {
+            1.0
         } else {
-            self.learning_rate * ((step + 1) as f64 / self.warmup_steps as f64).min(1.0)
-        }
+            ((step + 1) as f64 / self.warmup_steps as f64).min(1.0)
+        };
+        let decay = match self.decay {
+            LrDecay::Constant => 1.0,
+            LrDecay::Cosine { steps, floor } => {
+                // From the end of the warmup; the step count `k` of `steps` is capped there.
+                let k = step.saturating_sub(self.warmup_steps).min(steps) as f64;
+                floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * k / steps as f64).cos())
+            }
+        };
+        self.learning_rate * warmup * decay
     }
 }
 
