@@ -31,7 +31,8 @@
 //! Options: `--data checker|circles2|blob` (default checker), `--w 0` (the penalty weight),
 //! `--paper`, `--steps N` (default 100000), `--batch N` (1998), `--collocation N` (5000),
 //! `--boundary N` (per face, 1000), `--seed N` (0), `--ema D` (0: none, as in the paper;
-//! the written and evaluated weights are the average), `--cosine F` (1: a constant
+//! the written and evaluated weights are the average; the last iterate goes to
+//! `{out}/{data}_w{w}_ema{D}_last.safetensors`), `--cosine F` (1: a constant
 //! learning rate, as in the paper; below 1, a cosine decay to F·1e-3 over the run),
 //! `--checkpoint-every N` (5000),
 //! `--resume`, `--load FILE` (evaluate this paper-layout safetensors instead of
@@ -78,7 +79,8 @@ fn main() -> common::BoxResult<()> {
             "boundary",
             "seed",
             "ema",
-            "cosine",
+            "schedule",
+            "tag",
             "checkpoint-every",
             "load",
             "samples",
@@ -90,15 +92,27 @@ fn main() -> common::BoxResult<()> {
     )?;
     let name = opts.text("data").unwrap_or("checker").to_string();
     let w: f64 = opts.get("w", 0.0)?;
-    // The paper's CPU sizes are the defaults; `--paper` says so explicitly.
-    let _ = opts.flag("paper");
+    // `--paper`: how the released networks were trained (OUPINN_loop.py, CPU sizes);
+    // otherwise OUPINN.py's CPU setting. Each option overrides.
+    let paper = opts.flag("paper");
     let steps: usize = opts.get("steps", 100_000)?;
-    let batch: usize = opts.get("batch", 1998)?;
+    let batch: usize = opts.get("batch", if paper { 20_000 } else { 1998 })?;
     let collocation: usize = opts.get("collocation", 5000)?;
-    let boundary: usize = opts.get("boundary", 1000)?;
+    let boundary: usize = opts.get("boundary", if paper { 0 } else { 1000 })?;
     let seed: u64 = opts.get("seed", 0)?;
     let ema: f64 = opts.get("ema", 0.0)?;
-    let cosine: f64 = opts.get("cosine", 1.0)?;
+    let schedule = opts.text("schedule").unwrap_or(if paper { "paper" } else { "constant" });
+    let decay = match schedule {
+        "constant" => LrDecay::Constant,
+        "paper" => LrDecay::MultiStep {
+            milestones: vec![25_000, 90_000],
+            gamma: 0.1,
+        },
+        cosine => match cosine.strip_prefix("cosine:").map(str::parse::<f64>) {
+            Some(Ok(floor)) => LrDecay::Cosine { steps, floor },
+            _ => return Err(format!("--schedule {cosine}: use constant, paper or cosine:F").into()),
+        },
+    };
     let every: usize = opts.get("checkpoint-every", 5000)?;
     let samples: usize = opts.get("samples", 60_000)?;
     let sample_steps: usize = opts.get("sample-steps", 800)?;
@@ -114,13 +128,7 @@ fn main() -> common::BoxResult<()> {
     let start = Instant::now();
     let device = Device::Cpu;
     let sde = OuSde::default();
-    let mut tag = format!("{name}_w{w:?}");
-    if ema > 0.0 {
-        tag += &format!("_ema{ema}");
-    }
-    if cosine < 1.0 {
-        tag += &format!("_cosine{cosine}");
-    }
+    let tag = format!("{name}_w{w:?}{}", opts.text("tag").unwrap_or(""));
 
     // The network to evaluate, in the paper's layout.
     let weights = match opts.text("load") {
@@ -141,17 +149,17 @@ fn main() -> common::BoxResult<()> {
                         points: collocation,
                         eps: EPS,
                     })?
-                    .with_boundary(Some(Boundary::new(1.0, boundary)?));
+                    .with_boundary(match boundary {
+                        0 => None, // as OUPINN_loop.py (its boundary weight is 0)
+                        n => Some(Boundary::new(1.0, n)?),
+                    });
                 objective = objective.with_penalty(w, penalty)?;
             }
             let config = TrainConfig {
                 batch_size: batch,
                 weight_decay: 0.0, // the paper's Adam
                 ema_decay: ema,    // 0: no weight averaging, as in the paper
-                decay: match cosine {
-                    1.0 => LrDecay::Constant, // as in the paper
-                    floor => LrDecay::Cosine { steps, floor },
-                },
+                decay,
                 seed,
                 ..Default::default()
             };
@@ -164,6 +172,10 @@ fn main() -> common::BoxResult<()> {
             common::fit_with_checkpoints(&tag, &mut trainer, &objective, &*data, steps, every, &checkpoint)?;
             let file = out.join(format!("{tag}.safetensors"));
             save_foreign_weights(&file, trainer.ema(), &deveney_names())?;
+            if ema > 0.0 {
+                // The last iterate too, to compare with the average (`--load` it).
+                save_foreign_weights(out.join(format!("{tag}_last.safetensors")), &vars, &deveney_names())?;
+            }
             eprintln!(
                 "{tag}: {} steps, wrote {} ({:.0} s)",
                 trainer.step_count(),

@@ -9,12 +9,16 @@ checkpoints to safetensors, and train the paper's own loop to compare with the c
         input [t, x]. `MlpPotential` reads it with `scoresde::train::deveney_names()`.
 
     python scripts/deveney_reference.py train --data checker --w 0 --steps 100000 \
-            --out out/torch_ref/checker_w0.0 [--scale 0.1] [--seed 0] [--save-every 10000]
-        The paper's joint training loop (OUPINN.py: Adam lr 1e-3, DSM of
-        diffusion_utils.denoising_loss + w * pinn_utils.pinn_loss with w_b = 1, w_ic = 0),
-        copied line for line except for numpy (torch draws the same distributions).
-        `--scale 0.1` is the paper's CPU setting (1,998 DSM samples, 5,000 interior,
-        1,000 per face); 1.0 its GPU setting. Writes OUT.step{N}.safetensors.
+            --out out/torch_ref/checker_w0.0 [--recipe oupinn|loop] [--scale 0.1] [--seed 0]
+        The paper's joint training, copied line for line except for numpy (torch draws
+        the same distributions): DSM of diffusion_utils.denoising_loss + w *
+        pinn_utils.pinn_loss. `--recipe oupinn` (default) is OUPINN.py: Adam at lr 1e-3
+        throughout, 19,980 * scale DSM samples, boundary weight 1. `--recipe loop` is
+        OUPINN_loop.py, which trained the released networks: 200,000 * scale DSM samples,
+        boundary weight 0, and a fresh Adam at lr 1e-3 for 25,000 steps, 1e-4 for 65,000
+        and 1e-5 for 10,000. `--scale 0.1` is the paper's CPU setting (interior points
+        5,000, boundary points 1,000 per face); 1.0 its GPU setting. Writes
+        OUT.step{N}.safetensors every --save-every steps.
 
 Needs torch and safetensors (`pip install torch safetensors numpy`).
 """
@@ -118,7 +122,7 @@ def sample_data(name, n):
 
 
 class State:
-    def __init__(self, data, scale):
+    def __init__(self, data, scale, recipe):
         self.eps = 0.00001
         self.tlim = [self.eps, 10.0]
         half = 5.5 if data == "blob" else 3.5
@@ -126,7 +130,8 @@ class State:
         self.ylim = [-half, half]
         self.n_x = int(50000 * scale)
         self.n_b = int(10000 * scale)
-        self.n_denoise = int(19980 * scale)
+        self.n_denoise = int((200000 if recipe == "loop" else 19980) * scale)
+        self.w_b = 0.0 if recipe == "loop" else 1.0
         self.data = data
         self.net = Net()
 
@@ -165,16 +170,24 @@ def pinn_loss(s):
     u_yy = grad(u_y, yy, ones, create_graph=True)[0]
     res = torch.mean((u_t - 2 - xx * u_x - yy * u_y - 0.5 * u_x**2 - 0.5 * u_y**2 - 0.5 * (u_xx + u_yy)) ** 2)
     bc = torch.mean(torch.exp(ub) ** 2)
-    return res + bc, res, bc
+    return res + s.w_b * bc, res, bc
 
 
 def train(args):
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    s = State(args.data, args.scale)
-    opt = torch.optim.Adam(s.net.parameters(), lr=1e-3)
+    s = State(args.data, args.scale, args.recipe)
+    # OUPINN_loop.py's phases (a fresh Adam each), or OUPINN.py's one rate.
+    phases = {1e-3: 25000, 1e-4: 65000, 1e-5: 10000} if args.recipe == "loop" else {1e-3: args.steps}
+    starts = {}
+    first = 1
+    for lr, n in phases.items():
+        starts[first] = lr
+        first += n
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     for i in range(1, args.steps + 1):
+        if i in starts:
+            opt = torch.optim.Adam(s.net.parameters(), lr=starts[i])
         opt.zero_grad()
         loss_dsm = denoising_loss(s)
         loss = loss_dsm
@@ -200,6 +213,7 @@ def main():
     t.add_argument("--w", type=float, default=0.0)
     t.add_argument("--steps", type=int, default=100000)
     t.add_argument("--scale", type=float, default=0.1)
+    t.add_argument("--recipe", choices=["oupinn", "loop"], default="oupinn")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--save-every", type=int, default=10000)

@@ -460,7 +460,7 @@ pub struct ObjectiveGradients {
 /// use scoresde::train::LrDecay;
 /// assert_eq!(LrDecay::default(), LrDecay::Constant);
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub enum LrDecay {
     /// The peak rate throughout.
     #[default]
@@ -473,6 +473,16 @@ pub enum LrDecay {
         /// The final rate as a fraction of the peak, in `[0, 1]`.
         floor: f64,
     },
+    /// The peak rate times `gamma^k` from the `k`-th milestone on (PyTorch's
+    /// `MultiStepLR`). Deveney et al.'s released networks were trained at 1e-3 for 25,000
+    /// steps, 1e-4 for 65,000 and 1e-5 for 10,000: milestones `[25_000, 90_000]`, `gamma`
+    /// 0.1 (their `OUPINN_loop.py`, which also restarts Adam at each milestone).
+    MultiStep {
+        /// Steps at which the rate drops, increasing.
+        milestones: Vec<usize>,
+        /// The factor of each drop, in `(0, 1]`.
+        gamma: f64,
+    },
 }
 
 /// The trainer's settings. Defaults are the peers' benchmark workload (AdamW with
@@ -484,7 +494,7 @@ pub enum LrDecay {
 /// let config = TrainConfig { warmup_steps: 100, grad_clip: Some(1.0), ..Default::default() };
 /// assert_eq!(config.batch_size, 512);
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     /// Samples drawn from the dataset per step.
     pub batch_size: usize,
@@ -543,10 +553,17 @@ impl TrainConfig {
         if let Some(c) = self.grad_clip {
             ensure_positive("grad_clip", c)?;
         }
-        if let LrDecay::Cosine { steps, floor } = self.decay {
-            ensure(steps > 0 && (0.0..=1.0).contains(&floor), || {
+        match &self.decay {
+            LrDecay::Constant => {}
+            &LrDecay::Cosine { steps, floor } => ensure(steps > 0 && (0.0..=1.0).contains(&floor), || {
                 format!("a cosine decay needs steps > 0 and a floor in [0, 1], got {steps} and {floor}")
-            })?;
+            })?,
+            LrDecay::MultiStep { milestones, gamma } => {
+                ensure(milestones.windows(2).all(|w| w[0] < w[1]), || {
+                    format!("milestones must increase, got {milestones:?}")
+                })?;
+                ensure(*gamma > 0.0 && *gamma <= 1.0, || format!("gamma must lie in (0, 1], got {gamma}"))?;
+            }
         }
         ensure((0.0..1.0).contains(&self.ema_decay), || {
             format!("ema_decay must lie in [0, 1), got {}", self.ema_decay)
@@ -560,9 +577,16 @@ impl TrainConfig {
     /// let c = TrainConfig { learning_rate: 1e-3, warmup_steps: 10, ..Default::default() };
     /// assert!((c.learning_rate_at(4) - 5e-4).abs() < 1e-15);
     /// assert_eq!(c.learning_rate_at(100), 1e-3);
-    /// let cosine = TrainConfig { decay: LrDecay::Cosine { steps: 100, floor: 0.1 }, ..c };
+    /// let cosine = TrainConfig { decay: LrDecay::Cosine { steps: 100, floor: 0.1 }, ..c.clone() };
     /// assert!((cosine.learning_rate_at(60) - 5.5e-4).abs() < 1e-15); // halfway down
     /// assert!((cosine.learning_rate_at(110) - 1e-4).abs() < 1e-15); // the floor from here on
+    /// let deveney = TrainConfig {
+    ///     decay: LrDecay::MultiStep { milestones: vec![25_000, 90_000], gamma: 0.1 },
+    ///     ..Default::default()
+    /// };
+    /// let rates = [24_999, 25_000, 89_999, 90_000].map(|k| deveney.learning_rate_at(k));
+    /// assert!((rates[0] - 1e-3).abs() < 1e-15 && (rates[1] - 1e-4).abs() < 1e-15);
+    /// assert!((rates[2] - 1e-4).abs() < 1e-15 && (rates[3] - 1e-5).abs() < 1e-15);
     /// ```
     pub fn learning_rate_at(&self, step: usize) -> f64 {
         let warmup = if self.warmup_steps == 0 {
@@ -570,9 +594,12 @@ impl TrainConfig {
         } else {
             ((step + 1) as f64 / self.warmup_steps as f64).min(1.0)
         };
-        let decay = match self.decay {
+        let decay = match &self.decay {
             LrDecay::Constant => 1.0,
-            LrDecay::Cosine { steps, floor } => {
+            LrDecay::MultiStep { milestones, gamma } => {
+                gamma.powi(milestones.iter().filter(|&&m| step >= m).count() as i32)
+            }
+            &LrDecay::Cosine { steps, floor } => {
                 // From the end of the warmup; the step count `k` of `steps` is capped there.
                 let k = step.saturating_sub(self.warmup_steps).min(steps) as f64;
                 floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * k / steps as f64).cos())

@@ -148,6 +148,47 @@ impl Checkerboard {
     pub fn half_width(&self) -> f64 {
         self.half_width
     }
+
+    /// The fraction of the points `x` (shape `[N, 2]`, N ≥ 1, finite) that lie in the
+    /// board's filled squares: 1 for its own samples, ½ for points spread uniformly over
+    /// the board. Samples blurred into round blobs score well below 1, which a distance
+    /// such as MMD can hide.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use rand::{rngs::StdRng, SeedableRng};
+    /// use scoresde::data::{Checkerboard, Dataset};
+    /// let board = Checkerboard::new(2.0)?; // squares of side 1; (0.5, 0.5) is filled
+    /// let x = Tensor::new(&[[0.5f64, 0.5], [-0.5, 0.5], [1.5, -0.5], [5.0, 5.0]], &Device::Cpu)?;
+    /// assert_eq!(board.fraction_inside(&x)?, 0.5);
+    /// let own = board.sample(1000, &mut StdRng::seed_from_u64(0))?;
+    /// assert_eq!(board.fraction_inside(&own)?, 1.0);
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
+    pub fn fraction_inside(&self, x: &Tensor) -> Result<f64> {
+        let (n, d) = x.dims2().map_err(|_| {
+            Error::Shape(format!("fraction_inside expects points of shape [N, 2], got {:?}", x.dims()))
+        })?;
+        if d != 2 || n == 0 {
+            return Err(Error::Shape(format!(
+                "fraction_inside expects points of shape [N, 2] with N >= 1, got {:?}",
+                x.dims()
+            )));
+        }
+        let points = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        if points.iter().flatten().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite("fraction_inside: the points hold NaN or inf".into()));
+        }
+        let side = self.half_width / 2.0;
+        let inside = points
+            .iter()
+            .filter(|p| {
+                let (i, j) = (((p[0] + self.half_width) / side).floor(), ((p[1] + self.half_width) / side).floor());
+                (0.0..4.0).contains(&i) && (0.0..4.0).contains(&j) && (i + j) % 2.0 == 0.0
+            })
+            .count();
+        Ok(inside as f64 / n as f64)
+    }
 }
 
 impl Default for Checkerboard {
