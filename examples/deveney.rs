@@ -101,7 +101,9 @@ fn main() -> common::BoxResult<()> {
     let boundary: usize = opts.get("boundary", if paper { 0 } else { 1000 })?;
     let seed: u64 = opts.get("seed", 0)?;
     let ema: f64 = opts.get("ema", 0.0)?;
-    let schedule = opts.text("schedule").unwrap_or(if paper { "paper" } else { "constant" });
+    let schedule = opts
+        .text("schedule")
+        .unwrap_or(if paper { "paper" } else { "constant" });
     let decay = match schedule {
         "constant" => LrDecay::Constant,
         "paper" => LrDecay::MultiStep {
@@ -174,7 +176,11 @@ fn main() -> common::BoxResult<()> {
             save_foreign_weights(&file, trainer.ema(), &deveney_names())?;
             if ema > 0.0 {
                 // The last iterate too, to compare with the average (`--load` it).
-                save_foreign_weights(out.join(format!("{tag}_last.safetensors")), &vars, &deveney_names())?;
+                save_foreign_weights(
+                    out.join(format!("{tag}_last.safetensors")),
+                    &vars,
+                    &deveney_names(),
+                )?;
             }
             eprintln!(
                 "{tag}: {} steps, wrote {} ({:.0} s)",

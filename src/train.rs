@@ -562,7 +562,9 @@ impl TrainConfig {
                 ensure(milestones.windows(2).all(|w| w[0] < w[1]), || {
                     format!("milestones must increase, got {milestones:?}")
                 })?;
-                ensure(*gamma > 0.0 && *gamma <= 1.0, || format!("gamma must lie in (0, 1], got {gamma}"))?;
+                ensure(*gamma > 0.0 && *gamma <= 1.0, || {
+                    format!("gamma must lie in (0, 1], got {gamma}")
+                })?;
             }
         }
         ensure((0.0..1.0).contains(&self.ema_decay), || {

@@ -241,3 +241,92 @@ fn the_paper_layout_round_trips_and_reads_torch_weights() -> Result<()> {
     std::fs::remove_file(&path)?;
     Ok(())
 }
+
+#[test]
+fn learning_rate_schedules_are_validated_and_followed() -> Result<()> {
+    use scoresde::train::{LrDecay, TrainConfig, Trainer};
+    let vars = VarMap::new();
+    MlpPotential::new(
+        VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+        PotentialConfig::default(),
+    )?;
+    let bad = [
+        LrDecay::MultiStep {
+            milestones: vec![10, 10],
+            gamma: 0.1,
+        },
+        LrDecay::MultiStep {
+            milestones: vec![10],
+            gamma: 0.0,
+        },
+        LrDecay::MultiStep {
+            milestones: vec![10],
+            gamma: f64::NAN,
+        },
+        LrDecay::Cosine { steps: 0, floor: 0.1 },
+        LrDecay::Cosine {
+            steps: 10,
+            floor: 1.5,
+        },
+        LrDecay::Cosine {
+            steps: 10,
+            floor: f64::NAN,
+        },
+    ];
+    for decay in bad {
+        let config = TrainConfig {
+            decay: decay.clone(),
+            ..Default::default()
+        };
+        assert!(
+            matches!(Trainer::new(&vars, config), Err(Error::InvalidParameter(_))),
+            "{decay:?}"
+        );
+    }
+    // Warmup then cosine: rising, then falling monotonically to the floor, never below it.
+    let config = TrainConfig {
+        warmup_steps: 10,
+        decay: LrDecay::Cosine {
+            steps: 90,
+            floor: 0.05,
+        },
+        ..Default::default()
+    };
+    let rates: Vec<f64> = (0..200).map(|k| config.learning_rate_at(k)).collect();
+    assert!(rates[..10].windows(2).all(|w| w[0] < w[1]));
+    assert!(rates[9..100].windows(2).all(|w| w[0] >= w[1]));
+    assert!((rates[9] - 1e-3).abs() < 1e-15);
+    assert!(rates[100..].iter().all(|&r| (r - 5e-5).abs() < 1e-15));
+    Ok(())
+}
+
+#[test]
+fn the_share_inside_the_squares_is_exact_and_checks_its_input() -> Result<()> {
+    use scoresde::data::{Checkerboard, Dataset};
+    let board = Checkerboard::deveney(); // squares of side 1.5 over [−3, 3]²
+                                         // A fine regular grid over the board: exactly half of it lies in filled squares.
+    let n = 120;
+    let h = 6.0 / n as f64;
+    let grid: Vec<f64> = (0..n * n)
+        .flat_map(|k| {
+            [
+                -3.0 + h * (0.5 + (k % n) as f64),
+                -3.0 + h * (0.5 + (k / n) as f64),
+            ]
+        })
+        .collect();
+    let grid = Tensor::from_vec(grid, (n * n, 2), &Device::Cpu)?;
+    assert_eq!(board.fraction_inside(&grid)?, 0.5);
+    let own = board.sample(5000, &mut StdRng::seed_from_u64(1))?;
+    assert_eq!(board.fraction_inside(&own)?, 1.0);
+    assert_eq!(board.fraction_inside(&(own + 10.0)?)?, 0.0);
+    for bad in [
+        Tensor::zeros((0, 2), DType::F64, &Device::Cpu)?,
+        Tensor::zeros((3, 3), DType::F64, &Device::Cpu)?,
+        Tensor::zeros(3, DType::F64, &Device::Cpu)?,
+        Tensor::new(&[[f64::NAN, 0.0]], &Device::Cpu)?,
+    ] {
+        assert!(board.fraction_inside(&bad).is_err(), "{bad:?}");
+    }
+    Ok(())
+}

@@ -167,7 +167,10 @@ impl Checkerboard {
     /// ```
     pub fn fraction_inside(&self, x: &Tensor) -> Result<f64> {
         let (n, d) = x.dims2().map_err(|_| {
-            Error::Shape(format!("fraction_inside expects points of shape [N, 2], got {:?}", x.dims()))
+            Error::Shape(format!(
+                "fraction_inside expects points of shape [N, 2], got {:?}",
+                x.dims()
+            ))
         })?;
         if d != 2 || n == 0 {
             return Err(Error::Shape(format!(
@@ -177,13 +180,18 @@ impl Checkerboard {
         }
         let points = x.to_dtype(DType::F64)?.to_vec2::<f64>()?;
         if points.iter().flatten().any(|v| !v.is_finite()) {
-            return Err(Error::NonFinite("fraction_inside: the points hold NaN or inf".into()));
+            return Err(Error::NonFinite(
+                "fraction_inside: the points hold NaN or inf".into(),
+            ));
         }
         let side = self.half_width / 2.0;
         let inside = points
             .iter()
             .filter(|p| {
-                let (i, j) = (((p[0] + self.half_width) / side).floor(), ((p[1] + self.half_width) / side).floor());
+                let (i, j) = (
+                    ((p[0] + self.half_width) / side).floor(),
+                    ((p[1] + self.half_width) / side).floor(),
+                );
                 (0.0..4.0).contains(&i) && (0.0..4.0).contains(&j) && (i + j) % 2.0 == 0.0
             })
             .count();
