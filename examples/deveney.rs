@@ -4,13 +4,20 @@
 //! sample it with the probability-flow ODE and the reverse SDE and measure both against the
 //! data exactly as the paper does.
 //!
-//! The paper's setting (teojd/ODESDEGap, `OUPINN.py`): OU SDE (θ = 1, s = 1, T = 10), the
-//! 3 × 80 Softplus(β = 100) network on `[t, x]`, DSM with constant weighting and times
-//! `T·Beta(1, 2) + ε` (ε = 1e-5), collocation uniform in the box `[−3.5, 3.5]²`
-//! (`[−5.5, 5.5]²` for blob) × `[ε, T]`, the boundary term `mean(exp(u)²)` on the faces,
-//! Adam at lr 1e-3 without weight decay or averaging, 100,000 steps. `--paper` takes its
-//! CPU sizes (1,998 DSM samples, 5,000 interior and 1,000 boundary points per face per
-//! step); `--batch`, `--collocation`, `--boundary` and `--steps` override them.
+//! The paper's setting (teojd/ODESDEGap): OU SDE (θ = 1, s = 1, T = 10), the 3 × 80
+//! Softplus(β = 100) network on `[t, x]`, DSM with constant weighting and times
+//! `T·Beta(1, 2) + ε` (ε = 1e-5), the residual at points uniform in the box `[−3.5, 3.5]²`
+//! (`[−5.5, 5.5]²` for blob) × `[ε, T]`, Adam without weight decay or averaging, 100,000
+//! steps. Two recipes, both at the paper's CPU sizes:
+//!
+//! * default, its `OUPINN.py`: 1,998 DSM points, 5,000 interior points and the boundary
+//!   term `mean(exp(u)²)` on 1,000 points per face each step, lr 1e-3 throughout;
+//! * `--paper`, its `OUPINN_loop.py`, which trained the released networks: 20,000 DSM
+//!   points, 5,000 interior points, no boundary term, lr 1e-3 for 25,000 steps, 1e-4 for
+//!   65,000 and 1e-5 for 10,000 (the paper restarts Adam at each drop; this does not).
+//!
+//! `--batch`, `--collocation`, `--boundary` (0: none), `--schedule` and `--steps`
+//! override either.
 //!
 //! Evaluation, as the paper's `experiment_plotting.py`: `--samples` ODE and SDE samples
 //! (Euler and Euler–Maruyama on `TimeGrid::deveney`: 800 steps from T, the last 10 refined
@@ -29,23 +36,28 @@
 //! 3,000,000-sample ODE and SDE histograms of the released network for that data and w.
 //!
 //! Options: `--data checker|circles2|blob` (default checker), `--w 0` (the penalty weight),
-//! `--paper`, `--steps N` (default 100000), `--batch N` (1998), `--collocation N` (5000),
-//! `--boundary N` (per face, 1000), `--seed N` (0), `--ema D` (0: none, as in the paper;
-//! the written and evaluated weights are the average; the last iterate goes to
-//! `{out}/{data}_w{w}_ema{D}_last.safetensors`), `--cosine F` (1: a constant
-//! learning rate, as in the paper; below 1, a cosine decay to F·1e-3 over the run),
-//! `--checkpoint-every N` (5000),
-//! `--resume`, `--load FILE` (evaluate this paper-layout safetensors instead of
-//! training), `--samples N` (60000; 0 for the held-out DSM loss alone), `--sample-steps N` (800), `--precomputed DIR`,
-//! `--out DIR` (default out/deveney).
+//! `--paper`, `--steps N` (default 100000), `--batch N` (1998; 20000 with `--paper`),
+//! `--collocation N` (5000), `--boundary N` (per face, 1000; 0 with `--paper`),
+//! `--schedule constant|paper|cosine:F` (constant; paper with `--paper`: the drops above;
+//! cosine: down to F·1e-3 over the run), `--seed N` (0), `--ema D` (0: none, as in the
+//! paper; else the written and evaluated weights are the average and the last iterate goes
+//! to `{out}/{tag}_last.safetensors`), `--tag S` (appended to the file names),
+//! `--checkpoint-every N` (5000), `--resume`, `--load FILE` (evaluate this paper-layout
+//! safetensors instead of training), `--samples N` (60000; 0 for the held-out DSM loss
+//! alone), `--sample-steps N` (800), `--precomputed DIR`, `--out DIR` (out/deveney).
+//!
+//! Besides the `deveney:` line it prints `dsm:` (the held-out DSM loss on 20,000 fixed
+//! perturbed points) and `floor:` (fresh data samples against the data histogram: the
+//! sampling noise of `--samples` points).
 //!
 //! A trained network is written to `{out}/{data}_w{w}.safetensors` in the paper's layout
 //! (`input|hidden1|hidden2|output.{weight,bias}`), w printed as 0.0, 0.1, 1.0, 10.0. The
 //! optimizer state goes to `{out}/{data}_w{w}.checkpoint.safetensors` every
 //! `--checkpoint-every` steps; `--resume` continues from it exactly.
 //!
-//! Run: `cargo run --release --example deveney -- --paper --data checker --w 0` (hours on
-//! 2 cores; see docs/theory.md §6 for the measured times and results).
+//! Run: `cargo run --release --example deveney -- --data checker --w 0` (about 15 minutes
+//! on 2 cores, 4 of them sampling and evaluating); `--paper` takes hours (about ten times
+//! the cost per step). Results and commands: docs/theory.md §6.
 
 mod common;
 
