@@ -41,7 +41,8 @@
 //! `--schedule constant|paper|cosine:F` (constant; paper with `--paper`: the drops above;
 //! cosine: down to F·1e-3 over the run), `--seed N` (0), `--ema D` (0: none, as in the
 //! paper; else the written and evaluated weights are the average and the last iterate goes
-//! to `{out}/{tag}_last.safetensors`), `--tag S` (appended to the file names),
+//! to `{out}/{tag}_last.safetensors`), `--tag S` (appended to the file names, after
+//! `_oupinn` for runs without `--paper`),
 //! `--checkpoint-every N` (5000), `--resume`, `--load FILE` (evaluate this paper-layout
 //! safetensors instead of training), `--samples N` (60000; 0 for the held-out DSM loss
 //! alone), `--sample-steps N` (800), `--precomputed DIR`, `--out DIR` (out/deveney).
@@ -50,9 +51,10 @@
 //! perturbed points) and `floor:` (fresh data samples against the data histogram: the
 //! sampling noise of `--samples` points).
 //!
-//! A trained network is written to `{out}/{data}_w{w}.safetensors` in the paper's layout
+//! A trained network is written to `{out}/{tag}.safetensors` (`{data}_w{w}` with `--paper`)
+//! in the paper's layout
 //! (`input|hidden1|hidden2|output.{weight,bias}`), w printed as 0.0, 0.1, 1.0, 10.0. The
-//! optimizer state goes to `{out}/{data}_w{w}.checkpoint.safetensors` every
+//! optimizer state goes to `{out}/{tag}.checkpoint.safetensors` every
 //! `--checkpoint-every` steps; `--resume` continues from it exactly.
 //!
 //! Run: `cargo run --release --example deveney -- --data checker --w 0` (about 15 minutes
@@ -142,7 +144,10 @@ fn main() -> common::BoxResult<()> {
     let start = Instant::now();
     let device = Device::Cpu;
     let sde = OuSde::default();
-    let tag = format!("{name}_w{w:?}{}", opts.text("tag").unwrap_or(""));
+    // `--paper` runs are `{data}_w{w}`; OUPINN.py's recipe gets its own name, so that a
+    // `--resume` never continues a run of the other recipe.
+    let recipe = if paper { "" } else { "_oupinn" };
+    let tag = format!("{name}_w{w:?}{recipe}{}", opts.text("tag").unwrap_or(""));
 
     // The network to evaluate, in the paper's layout.
     let weights = match opts.text("load") {
