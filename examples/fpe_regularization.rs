@@ -58,7 +58,7 @@ fn main() -> common::BoxResult<()> {
     {
         let vars = VarMap::new();
         let model = MlpScore::new(VarBuilder::from_varmap(&vars, DType::F32, &device), sde, config)?;
-        let mut trainer = Trainer::new(&vars, train)?;
+        let mut trainer = Trainer::new(&vars, train.clone())?;
         common::fit_with_progress(
             "pretrain",
             &mut trainer,
@@ -81,7 +81,7 @@ fn main() -> common::BoxResult<()> {
     for (name, lambda) in [("dsm", 0.0), ("dsm+fpe", lambda_fpe)] {
         let vars = VarMap::new();
         let model = MlpScore::new(VarBuilder::from_varmap(&vars, DType::F32, &device), sde, config)?;
-        let mut trainer = Trainer::new(&vars, train)?;
+        let mut trainer = Trainer::new(&vars, train.clone())?;
         trainer.load_checkpoint(&checkpoint)?;
         let mut objective = Objective::new(&sde, &model);
         if lambda > 0.0 {

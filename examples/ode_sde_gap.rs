@@ -128,7 +128,7 @@ fn main() -> common::BoxResult<()> {
         if pretrain > 0 {
             let vars = VarMap::new();
             let model = potential_score(&vars, &device)?;
-            let mut trainer = Trainer::new(&vars, train)?;
+            let mut trainer = Trainer::new(&vars, train.clone())?;
             let objective = Objective::new(&sde, &model).with_loss(loss);
             common::fit_with_progress(&format!("{name} dsm"), &mut trainer, &objective, &*data, pretrain)?;
             trainer.save_checkpoint(&checkpoint)?;
@@ -148,7 +148,7 @@ fn main() -> common::BoxResult<()> {
         for &w in &weights {
             let vars = VarMap::new();
             let model = potential_score(&vars, &device)?;
-            let mut trainer = Trainer::new(&vars, train)?;
+            let mut trainer = Trainer::new(&vars, train.clone())?;
             if pretrain > 0 {
                 trainer.load_checkpoint(&checkpoint)?;
             }

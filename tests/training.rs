@@ -286,7 +286,7 @@ fn checkpoint_round_trip_and_exact_resume() {
         },
     )
     .unwrap();
-    let config = *trainer.config();
+    let config = trainer.config().clone();
     let mut resumed = Trainer::new(&fresh, config).unwrap();
     assert_ne!(scores_of(&fresh), saved_scores);
     resumed.load_checkpoint(&path).unwrap();
@@ -593,7 +593,7 @@ fn bad_inputs_are_errors() {
         },
     ] {
         assert!(
-            matches!(Trainer::new(&vars, config), Err(Error::InvalidParameter(_))),
+            matches!(Trainer::new(&vars, config.clone()), Err(Error::InvalidParameter(_))),
             "{config:?}"
         );
     }
