@@ -73,7 +73,6 @@ use scoresde::data::{read_npy, Blob, Checkerboard, Dataset, TwoCircles};
 use scoresde::loss::{Dsm, TimeSampling, Weighting};
 use scoresde::metrics::{Grid, Histogram};
 use scoresde::prelude::*;
-use scoresde::regularizer::{Boundary, Collocation, LogDensityFp};
 use scoresde::solver::{Sampler, TimeGrid};
 use scoresde::train::{deveney_names, load_foreign_weights, save_foreign_weights, LrDecay};
 
@@ -161,17 +160,8 @@ fn main() -> common::BoxResult<()> {
                 .with_eps(EPS)?;
             let mut objective = Objective::new(&sde, &model).with_loss(loss);
             if w > 0.0 {
-                let penalty = LogDensityFp::new()
-                    .with_collocation(Collocation::UniformBox {
-                        low: -half_width,
-                        high: half_width,
-                        points: collocation,
-                        eps: EPS,
-                    })?
-                    .with_boundary(match boundary {
-                        0 => None, // as OUPINN_loop.py (its boundary weight is 0)
-                        n => Some(Boundary::new(1.0, n)?),
-                    });
+                // No boundary term (0) as OUPINN_loop.py, whose boundary weight is 0.
+                let penalty = common::deveney_penalty(half_width, collocation, boundary, EPS)?;
                 objective = objective.with_penalty(w, penalty)?;
             }
             let config = TrainConfig {

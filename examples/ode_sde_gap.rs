@@ -50,7 +50,7 @@ use scoresde::data::{Blob, Checkerboard, Dataset, TwoCircles};
 use scoresde::loss::{Dsm, TimeSampling, Weighting};
 use scoresde::metrics::{histogram_w2, mean_penalty, GapReport, Grid};
 use scoresde::prelude::*;
-use scoresde::regularizer::{Boundary, Collocation, LogDensityFp};
+use scoresde::regularizer::LogDensityFp;
 use scoresde::solver::TimeGrid;
 
 /// Smallest time, of training, collocation and sampling (the paper's `eps`).
@@ -115,14 +115,7 @@ fn main() -> common::BoxResult<()> {
             }
         };
         // The paper's penalty (exact Laplacian, box collocation, boundary term) at 2-core sizes.
-        let penalty = LogDensityFp::new()
-            .with_collocation(Collocation::UniformBox {
-                low: -half_width,
-                high: half_width,
-                points: collocation,
-                eps: EPS,
-            })?
-            .with_boundary(Some(Boundary::new(1.0, collocation.div_ceil(4))?));
+        let penalty = common::deveney_penalty(half_width, collocation, collocation.div_ceil(4), EPS)?;
 
         let checkpoint = std::env::temp_dir().join(format!("scoresde-gap-{name}.safetensors"));
         if pretrain > 0 {

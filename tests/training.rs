@@ -593,7 +593,10 @@ fn bad_inputs_are_errors() {
         },
     ] {
         assert!(
-            matches!(Trainer::new(&vars, config.clone()), Err(Error::InvalidParameter(_))),
+            matches!(
+                Trainer::new(&vars, config.clone()),
+                Err(Error::InvalidParameter(_))
+            ),
             "{config:?}"
         );
     }

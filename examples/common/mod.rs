@@ -81,6 +81,30 @@ pub fn fit_with_checkpoints<S: Sde, M: ScoreModel, D: Dataset + ?Sized>(
     Ok(())
 }
 
+/// Deveney et al.'s penalty: the log-density FP residual (exact Laplacian) at `points`
+/// points uniform in `[−half_width, half_width]² × [eps, T]`, plus the boundary term on
+/// `per_face` points per face (none for 0).
+pub fn deveney_penalty(
+    half_width: f64,
+    points: usize,
+    per_face: usize,
+    eps: f64,
+) -> BoxResult<scoresde::regularizer::LogDensityFp> {
+    use scoresde::regularizer::{Boundary, Collocation, LogDensityFp};
+    let boundary = match per_face {
+        0 => None,
+        n => Some(Boundary::new(1.0, n)?),
+    };
+    Ok(LogDensityFp::new()
+        .with_collocation(Collocation::UniformBox {
+            low: -half_width,
+            high: half_width,
+            points,
+            eps,
+        })?
+        .with_boundary(boundary))
+}
+
 /// `--key value` pairs and `--flag`s from the command line.
 pub struct Options {
     values: HashMap<String, String>,

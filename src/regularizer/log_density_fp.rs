@@ -115,9 +115,11 @@ impl LogDensityFp {
         }
     }
 
-    /// Deveney et al.'s setting (their code, CPU sizes): exact Laplacian, 5,000 points
-    /// uniform in `[−half_width, half_width]^d × [1e-5, T]`, boundary weight 1 with 1,000
-    /// points per face. They use `half_width = 3.5` (5.5 for the "blob" data).
+    /// Deveney et al.'s setting (their `OUPINN.py`, CPU sizes): exact Laplacian, 5,000
+    /// points uniform in `[−half_width, half_width]^d × [1e-5, T]`, boundary weight 1 with
+    /// 1,000 points per face. They use `half_width = 3.5` (5.5 for the "blob" data). Their
+    /// released networks (`OUPINN_loop.py`) had no boundary term: add
+    /// `.with_boundary(None)`.
     ///
     /// ```
     /// let paper = scoresde::regularizer::LogDensityFp::paper(3.5)?;
