@@ -241,7 +241,10 @@ fn main() -> common::BoxResult<()> {
     // The paper drops samples outside the open box (−3.5, 3.5)², for every dataset
     // (experiment_plotting.py's generate_*_samples), before binning the rest.
     let (ode_kept, sde_kept) = (inside_box(&ode, 3.5)?, inside_box(&stochastic, 3.5)?);
-    let (ode_h, sde_h) = (Histogram::new(&ode_kept, binned)?, Histogram::new(&sde_kept, binned)?);
+    let (ode_h, sde_h) = (
+        Histogram::new(&ode_kept, binned)?,
+        Histogram::new(&sde_kept, binned)?,
+    );
     let precomputed = opts.text("precomputed").map(PathBuf::from);
     let data_h = match &precomputed {
         Some(dir) => paper_histogram(&dir.join(format!("weights_truth_64_{DATA_SAMPLES}_{name}.npy")))?,
