@@ -178,30 +178,16 @@ impl<M: LogDensityModel> GradientScore<M> {
 
 impl<M: LogDensityModel> ScoreModel for GradientScore<M> {
     /// `∇ₓu(x, t)`, shape of `x`. Guarded unless values-only with an untracked `x`.
+    /// Autodiff results are checked for finiteness by `grad` itself; a hand-written
+    /// `score_values` is checked here.
     fn score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        crate::error::finite_result(self.unchecked_score(x, t)?, "GradientScore's score", &[("x", x)])
-    }
-
-    /// The wrapped model's hand-written pass, if it has one (not for values-only
-    /// wrappers, whose scores carry no gradient).
-    fn objective_gradients(&self, terms: &ObjectiveTerms<'_>) -> Result<Option<ObjectiveGradients>> {
-        if self.values_only {
-            return Ok(None);
-        }
-        self.inner.objective_gradients(terms)
-    }
-}
-
-impl<M: LogDensityModel> GradientScore<M> {
-    /// [`ScoreModel::score`] before the finiteness check.
-    fn unchecked_score(&self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         if x.is_variable() {
             let u = self.checked_log_density(x, t)?;
             return autodiff::grad(&u, x);
         }
         if self.values_only {
             if let Some(score) = self.inner.score_values(x, t)? {
-                return Ok(score);
+                return crate::error::finite_result(score, "GradientScore's score", &[("x", x)]);
             }
         }
         let x_leaf = autodiff::leaf(x)?;
@@ -211,6 +197,15 @@ impl<M: LogDensityModel> GradientScore<M> {
         } else {
             autodiff::grad(&u, &x_leaf)
         }
+    }
+
+    /// The wrapped model's hand-written pass, if it has one (not for values-only
+    /// wrappers, whose scores carry no gradient).
+    fn objective_gradients(&self, terms: &ObjectiveTerms<'_>) -> Result<Option<ObjectiveGradients>> {
+        if self.values_only {
+            return Ok(None);
+        }
+        self.inner.objective_gradients(terms)
     }
 }
 
