@@ -572,6 +572,35 @@ impl TrainConfig {
         })
     }
 
+    /// Every setting as `(field, value)`, values in `Debug` form (exact for floats): what
+    /// a checkpoint records.
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let Self {
+            batch_size,
+            learning_rate,
+            warmup_steps,
+            decay,
+            weight_decay,
+            betas,
+            adam_eps,
+            grad_clip,
+            ema_decay,
+            seed,
+        } = self; // destructured, so a new field cannot be forgotten here
+        vec![
+            ("batch_size", format!("{batch_size:?}")),
+            ("learning_rate", format!("{learning_rate:?}")),
+            ("warmup_steps", format!("{warmup_steps:?}")),
+            ("decay", format!("{decay:?}")),
+            ("weight_decay", format!("{weight_decay:?}")),
+            ("betas", format!("{betas:?}")),
+            ("adam_eps", format!("{adam_eps:?}")),
+            ("grad_clip", format!("{grad_clip:?}")),
+            ("ema_decay", format!("{ema_decay:?}")),
+            ("seed", format!("{seed:?}")),
+        ]
+    }
+
     /// The learning rate at step `k` (warmup and decay included).
     ///
     /// ```
@@ -952,8 +981,10 @@ impl Trainer {
     }
 
     /// Writes a safetensors checkpoint: the weights (`model/<name>`), the EMA weights
-    /// (`ema/<name>`), AdamW's moments (`adam_m/<name>`, `adam_v/<name>`) and the step
-    /// count (`trainer/step`).
+    /// (`ema/<name>`), AdamW's moments (`adam_m/<name>`, `adam_v/<name>`), the step
+    /// count (`trainer/step`) and, in the file's metadata, the [`TrainConfig`]
+    /// (`train_config.<field>`), so that [`Trainer::load_checkpoint`] can refuse to resume
+    /// it under other settings.
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for p in &self.params {
@@ -966,20 +997,61 @@ impl Trainer {
             "trainer/step".into(),
             Tensor::new(&[self.step as i64], &Device::Cpu)?,
         );
-        candle_core::safetensors::save(&tensors, path.as_ref())
+        let metadata = self
+            .config
+            .fields()
+            .into_iter()
+            .map(|(field, value)| (format!("{CONFIG_PREFIX}{field}"), value))
+            .collect();
+        safetensors::serialize_to_file(&tensors, Some(metadata), path.as_ref())
             .map_err(|e| Error::Checkpoint(format!("cannot write {}: {e}", path.as_ref().display())))
     }
 
-    /// Restores a checkpoint written by [`Trainer::save_checkpoint`] for the same model:
-    /// weights, EMA weights, optimizer moments and step count. Training then continues
-    /// exactly as the run that wrote it would have.
+    /// Restores a checkpoint written by [`Trainer::save_checkpoint`] for the same model
+    /// and settings: weights, EMA weights, optimizer moments and step count. Training then
+    /// continues exactly as the run that wrote it would have.
     ///
-    /// Errors with [`Error::Checkpoint`], changing nothing, if the file cannot be read or
+    /// Errors with [`Error::Checkpoint`], changing nothing, if the file cannot be read,
     /// does not match this trainer's variables (a missing or extra variable, a different
-    /// shape or dtype), or holds a NaN or infinite value.
+    /// shape or dtype), holds a NaN or infinite value, or was written under another
+    /// [`TrainConfig`] (the message lists the fields that differ; checkpoints written
+    /// before the settings were recorded are not checked). To go on from a checkpoint
+    /// under new settings on purpose, use [`Trainer::load_checkpoint_with_new_config`].
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use scoresde::train::{TrainConfig, Trainer};
+    /// let vars = VarMap::new();
+    /// VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu).get(3, "w")?;
+    /// let path = std::env::temp_dir().join("scoresde_doc_checkpoint.safetensors");
+    /// Trainer::new(&vars, TrainConfig { batch_size: 64, ..Default::default() })?.save_checkpoint(&path)?;
+    ///
+    /// let mut same = Trainer::new(&vars, TrainConfig { batch_size: 64, ..Default::default() })?;
+    /// same.load_checkpoint(&path)?; // resumes exactly
+    /// let mut other = Trainer::new(&vars, TrainConfig { batch_size: 128, ..Default::default() })?;
+    /// let refused = other.load_checkpoint(&path).unwrap_err().to_string();
+    /// assert!(refused.contains("batch_size: 64 in the checkpoint, 128 here"), "{refused}");
+    /// other.load_checkpoint_with_new_config(&path)?; // on purpose: continue with batches of 128
+    /// # Ok::<(), scoresde::Error>(())
+    /// ```
     pub fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let mut tensors = read_checkpoint(path, &self.device)?;
+        self.restore(path.as_ref(), true)
+    }
+
+    /// Restores a checkpoint as [`Trainer::load_checkpoint`] does, but under this
+    /// trainer's [`TrainConfig`] even if the checkpoint was written under another: to
+    /// change the schedule, batch size or seed of a run part-way. The result is then not
+    /// the run that wrote the checkpoint continued, but a new one started from its state.
+    pub fn load_checkpoint_with_new_config(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        self.restore(path.as_ref(), false)
+    }
+
+    fn restore(&mut self, path: &Path, same_config: bool) -> Result<()> {
+        let (mut tensors, metadata) = read_checkpoint_with_metadata(path, &self.device)?;
+        if same_config {
+            self.check_config(path, &metadata)?;
+        }
         let step_tensor = tensors.remove("trainer/step").ok_or_else(|| {
             Error::Checkpoint(format!(
                 "{} has no 'trainer/step': not a trainer checkpoint",
@@ -1025,6 +1097,39 @@ impl Trainer {
         }
         self.step = step as usize;
         Ok(())
+    }
+
+    /// Refuses a checkpoint whose recorded settings differ from this trainer's.
+    fn check_config(&self, path: &Path, metadata: &HashMap<String, String>) -> Result<()> {
+        let differences: Vec<String> = self
+            .config
+            .fields()
+            .into_iter()
+            .filter_map(|(field, here)| {
+                let saved = metadata.get(&format!("{CONFIG_PREFIX}{field}"))?;
+                (*saved != here).then(|| format!("{field}: {saved} in the checkpoint, {here} here"))
+            })
+            .collect();
+        ensure_checkpoint(differences.is_empty(), || {
+            format!(
+                "{} was written under other training settings ({}): resuming it would not continue that run. \
+                 Build the trainer with the checkpoint's settings, write the new run to another path, \
+                 or call load_checkpoint_with_new_config to go on under the new settings on purpose",
+                path.display(),
+                differences.join("; ")
+            )
+        })
+    }
+}
+
+/// The metadata keys of a checkpoint's recorded [`TrainConfig`] start with this.
+const CONFIG_PREFIX: &str = "train_config.";
+
+fn ensure_checkpoint(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Checkpoint(message()))
     }
 }
 
@@ -1379,8 +1484,21 @@ pub fn load_foreign_weights(
 }
 
 fn read_checkpoint(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, device)
-        .map_err(|e| Error::Checkpoint(format!("cannot read {} as safetensors: {e}", path.display())))
+    Ok(read_checkpoint_with_metadata(path, device)?.0)
+}
+
+/// The tensors of a safetensors file and its metadata (empty if it has none).
+fn read_checkpoint_with_metadata(
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let unreadable = |e: &dyn std::fmt::Display| {
+        Error::Checkpoint(format!("cannot read {} as safetensors: {e}", path.display()))
+    };
+    let bytes = std::fs::read(path).map_err(|e| unreadable(&e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| unreadable(&e))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| unreadable(&e))?;
+    Ok((tensors, header.metadata().clone().unwrap_or_default()))
 }
 
 /// Removes `key` from `tensors`, checking it has `like`'s shape and dtype.

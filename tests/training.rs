@@ -325,7 +325,7 @@ fn checkpoint_round_trip_and_exact_resume() {
     )
     .unwrap();
     let before = scores_of_wide(&wide);
-    let mut wide_trainer = Trainer::new(&wide, TrainConfig::default()).unwrap();
+    let mut wide_trainer = Trainer::new(&wide, trainer.config().clone()).unwrap();
     match wide_trainer.load_checkpoint(&path) {
         Err(Error::Checkpoint(msg)) => assert!(msg.contains("shape"), "{msg}"),
         other => panic!("expected a checkpoint error, got {other:?}"),
@@ -336,6 +336,52 @@ fn checkpoint_round_trip_and_exact_resume() {
     ));
     assert_eq!(scores_of_wide(&wide), before);
     assert_eq!(wide_trainer.step_count(), 0);
+
+    // Other settings: refused, nothing changed, the differing fields named; accepted when
+    // asked for on purpose.
+    let third_before = scores_of(&third);
+    let other = TrainConfig {
+        batch_size: trainer.config().batch_size + 1,
+        seed: trainer.config().seed + 1,
+        ..trainer.config().clone()
+    };
+    let mut other_trainer = Trainer::new(&third, other.clone()).unwrap();
+    match other_trainer.load_checkpoint(&path) {
+        Err(Error::Checkpoint(msg)) => {
+            let batch = trainer.config().batch_size;
+            assert!(
+                msg.contains(&format!(
+                    "batch_size: {batch} in the checkpoint, {} here",
+                    batch + 1
+                )),
+                "{msg}"
+            );
+            assert!(msg.contains("seed: "), "{msg}");
+            assert!(!msg.contains("learning_rate"), "only the differing fields: {msg}");
+        }
+        other => panic!("expected a checkpoint error, got {other:?}"),
+    }
+    assert_eq!(scores_of(&third), third_before);
+    assert_eq!(other_trainer.step_count(), 0);
+    other_trainer.load_checkpoint_with_new_config(&path).unwrap();
+    assert_eq!(
+        (other_trainer.step_count(), scores_of(&third)),
+        (10, saved_scores.clone())
+    );
+    assert_eq!(
+        other_trainer.config(),
+        &other,
+        "the trainer keeps its own settings"
+    );
+
+    // A checkpoint without recorded settings (as written before they were recorded) is
+    // resumed unchecked.
+    let bare = dir.join("bare.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&tensors, &bare).unwrap();
+    let mut unchecked = Trainer::new(&third, other).unwrap();
+    unchecked.load_checkpoint(&bare).unwrap();
+    assert_eq!(unchecked.step_count(), 10);
 
     // Not a file, and not a safetensors file.
     assert!(matches!(
