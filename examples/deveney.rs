@@ -14,7 +14,8 @@
 //!   term `mean(exp(u)²)` on 1,000 points per face each step, lr 1e-3 throughout;
 //! * `--paper`, its `OUPINN_loop.py`, which trained the released networks: 20,000 DSM
 //!   points, 5,000 interior points, no boundary term, lr 1e-3 for 25,000 steps, 1e-4 for
-//!   65,000 and 1e-5 for 10,000 (the paper restarts Adam at each drop; this does not).
+//!   65,000 and 1e-5 for 10,000 (the paper also restarts Adam at each drop: add
+//!   `--restart-adam`).
 //!
 //! `--batch`, `--collocation`, `--boundary` (0: none), `--schedule` and `--steps`
 //! override either.
@@ -40,7 +41,8 @@
 //! `--paper`, `--steps N` (default 100000), `--batch N` (1998; 20000 with `--paper`),
 //! `--collocation N` (5000), `--boundary N` (per face, 1000; 0 with `--paper`),
 //! `--schedule constant|paper|cosine:F` (constant; paper with `--paper`: the drops above;
-//! cosine: down to F·1e-3 over the run), `--seed N` (0), `--ema D` (0: none, as in the
+//! cosine: down to F·1e-3 over the run), `--restart-adam` (with the paper schedule: a
+//! fresh Adam at each drop, as the paper's code), `--seed N` (0), `--ema D` (0: none, as in the
 //! paper; else the written and evaluated weights are the average and the last iterate goes
 //! to `{out}/{tag}_last.safetensors`), `--tag S` (appended to the file names, after
 //! `_oupinn` for runs without `--paper`),
@@ -102,7 +104,7 @@ fn main() -> common::BoxResult<()> {
             "precomputed",
             "out",
         ],
-        &["paper", "resume"],
+        &["paper", "resume", "restart-adam"],
     )?;
     let name = opts.text("data").unwrap_or("checker").to_string();
     let w: f64 = opts.get("w", 0.0)?;
@@ -123,6 +125,7 @@ fn main() -> common::BoxResult<()> {
         "paper" => LrDecay::MultiStep {
             milestones: vec![25_000, 90_000],
             gamma: 0.1,
+            restart_adam: opts.flag("restart-adam"),
         },
         cosine => match cosine.strip_prefix("cosine:").map(str::parse::<f64>) {
             Some(Ok(floor)) => LrDecay::Cosine { steps, floor },

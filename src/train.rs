@@ -476,12 +476,16 @@ pub enum LrDecay {
     /// The peak rate times `gamma^k` from the `k`-th milestone on (PyTorch's
     /// `MultiStepLR`). Deveney et al.'s released networks were trained at 1e-3 for 25,000
     /// steps, 1e-4 for 65,000 and 1e-5 for 10,000: milestones `[25_000, 90_000]`, `gamma`
-    /// 0.1 (their `OUPINN_loop.py`, which also restarts Adam at each milestone).
+    /// 0.1, `restart_adam: true` (their `OUPINN_loop.py` makes a new Adam for each rate).
     MultiStep {
         /// Steps at which the rate drops, increasing.
         milestones: Vec<usize>,
         /// The factor of each drop, in `(0, 1]`.
         gamma: f64,
+        /// Restart AdamW at each milestone, as a new optimizer would: its moments are
+        /// zeroed and its bias correction counts steps from the milestone, so the first
+        /// step after a drop moves every weight by about the new rate.
+        restart_adam: bool,
     },
 }
 
@@ -558,7 +562,9 @@ impl TrainConfig {
             &LrDecay::Cosine { steps, floor } => ensure(steps > 0 && (0.0..=1.0).contains(&floor), || {
                 format!("a cosine decay needs steps > 0 and a floor in [0, 1], got {steps} and {floor}")
             })?,
-            LrDecay::MultiStep { milestones, gamma } => {
+            LrDecay::MultiStep {
+                milestones, gamma, ..
+            } => {
                 ensure(milestones.windows(2).all(|w| w[0] < w[1]), || {
                     format!("milestones must increase, got {milestones:?}")
                 })?;
@@ -601,6 +607,25 @@ impl TrainConfig {
         ]
     }
 
+    /// AdamW's step count (1-based) at training step `step`: counted from the last
+    /// milestone passed when the decay restarts the optimizer, else from the start.
+    fn adam_step(&self, step: usize) -> usize {
+        let start = match &self.decay {
+            LrDecay::MultiStep {
+                milestones,
+                restart_adam: true,
+                ..
+            } => milestones
+                .iter()
+                .copied()
+                .filter(|&m| m <= step)
+                .last()
+                .unwrap_or(0),
+            _ => 0,
+        };
+        step - start + 1
+    }
+
     /// The learning rate at step `k` (warmup and decay included).
     ///
     /// ```
@@ -612,7 +637,7 @@ impl TrainConfig {
     /// assert!((cosine.learning_rate_at(60) - 5.5e-4).abs() < 1e-15); // halfway down
     /// assert!((cosine.learning_rate_at(110) - 1e-4).abs() < 1e-15); // the floor from here on
     /// let deveney = TrainConfig {
-    ///     decay: LrDecay::MultiStep { milestones: vec![25_000, 90_000], gamma: 0.1 },
+    ///     decay: LrDecay::MultiStep { milestones: vec![25_000, 90_000], gamma: 0.1, restart_adam: true },
     ///     ..Default::default()
     /// };
     /// let rates = [24_999, 25_000, 89_999, 90_000].map(|k| deveney.learning_rate_at(k));
@@ -627,9 +652,9 @@ impl TrainConfig {
         };
         let decay = match &self.decay {
             LrDecay::Constant => 1.0,
-            LrDecay::MultiStep { milestones, gamma } => {
-                gamma.powi(milestones.iter().filter(|&&m| step >= m).count() as i32)
-            }
+            LrDecay::MultiStep {
+                milestones, gamma, ..
+            } => gamma.powi(milestones.iter().filter(|&&m| step >= m).count() as i32),
             &LrDecay::Cosine { steps, floor } => {
                 // From the end of the warmup; the step count `k` of `steps` is capped there.
                 let k = step.saturating_sub(self.warmup_steps).min(steps) as f64;
@@ -953,15 +978,21 @@ impl Trainer {
             .config
             .ema_decay
             .min((1.0 + step as f64) / (10.0 + step as f64));
+        let adam_step = self.config.adam_step(step);
         self.last_gradients.clear();
         for (p, g) in self.params.iter_mut().zip(gradients) {
             let Some(g) = g else { continue };
+            if adam_step == 1 {
+                // A (re)started optimizer: no memory of earlier gradients.
+                p.first_moment = p.first_moment.zeros_like()?;
+                p.second_moment = p.second_moment.zeros_like()?;
+            }
             self.last_gradients.push((p.name.clone(), g.clone()));
             let g = match clip {
                 Some(c) => (g * c)?,
                 None => g,
             };
-            adamw_update(p, &g, learning_rate, step + 1, &self.config)?;
+            adamw_update(p, &g, learning_rate, adam_step, &self.config)?;
             let average = ((p.ema.as_tensor() * ema_rate)? + (p.var.as_tensor() * (1.0 - ema_rate))?)?;
             p.ema.set(&average)?;
         }

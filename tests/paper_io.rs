@@ -254,14 +254,17 @@ fn learning_rate_schedules_are_validated_and_followed() -> Result<()> {
         LrDecay::MultiStep {
             milestones: vec![10, 10],
             gamma: 0.1,
+            restart_adam: false,
         },
         LrDecay::MultiStep {
             milestones: vec![10],
             gamma: 0.0,
+            restart_adam: false,
         },
         LrDecay::MultiStep {
             milestones: vec![10],
             gamma: f64::NAN,
+            restart_adam: true,
         },
         LrDecay::Cosine { steps: 0, floor: 0.1 },
         LrDecay::Cosine {
