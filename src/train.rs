@@ -615,12 +615,7 @@ impl TrainConfig {
                 milestones,
                 restart_adam: true,
                 ..
-            } => milestones
-                .iter()
-                .copied()
-                .filter(|&m| m <= step)
-                .last()
-                .unwrap_or(0),
+            } => milestones.iter().rev().copied().find(|&m| m <= step).unwrap_or(0),
             _ => 0,
         };
         step - start + 1
