@@ -148,8 +148,12 @@ fn main() -> common::BoxResult<()> {
     let device = Device::Cpu;
     let sde = OuSde::default();
     // `--paper` runs are `{data}_w{w}`; OUPINN.py's recipe gets its own name, so that a
-    // `--resume` never continues a run of the other recipe.
-    let recipe = if paper { "" } else { "_oupinn" };
+    // `--resume` never continues a run of the other recipe. A loaded network has no recipe.
+    let recipe = if paper || opts.text("load").is_some() {
+        ""
+    } else {
+        "_oupinn"
+    };
     let tag = format!("{name}_w{w:?}{recipe}{}", opts.text("tag").unwrap_or(""));
 
     // The network to evaluate, in the paper's layout.
