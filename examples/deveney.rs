@@ -132,6 +132,9 @@ fn main() -> common::BoxResult<()> {
             _ => return Err(format!("--schedule {cosine}: use constant, paper or cosine:F").into()),
         },
     };
+    if opts.flag("restart-adam") && !matches!(decay, LrDecay::MultiStep { .. }) {
+        return Err("--restart-adam restarts Adam at the paper schedule's drops: use it with --paper or --schedule paper".into());
+    }
     let every: usize = opts.get("checkpoint-every", 5000)?;
     let samples: usize = opts.get("samples", 60_000)?;
     let sample_steps: usize = opts.get("sample-steps", 800)?;

@@ -1069,6 +1069,7 @@ impl Trainer {
     /// trainer's [`TrainConfig`] even if the checkpoint was written under another: to
     /// change the schedule, batch size or seed of a run part-way. The result is then not
     /// the run that wrote the checkpoint continued, but a new one started from its state.
+    /// The example of [`Trainer::load_checkpoint`] shows both.
     pub fn load_checkpoint_with_new_config(&mut self, path: impl AsRef<Path>) -> Result<()> {
         self.restore(path.as_ref(), false)
     }
