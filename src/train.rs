@@ -1137,28 +1137,21 @@ impl Trainer {
                 (*saved != here).then(|| format!("{field}: {saved} in the checkpoint, {here} here"))
             })
             .collect();
-        ensure_checkpoint(differences.is_empty(), || {
-            format!(
-                "{} was written under other training settings ({}): resuming it would not continue that run. \
-                 Build the trainer with the checkpoint's settings, write the new run to another path, \
-                 or call load_checkpoint_with_new_config to go on under the new settings on purpose",
-                path.display(),
-                differences.join("; ")
-            )
-        })
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Checkpoint(format!(
+            "{} was written under other training settings ({}): resuming it would not continue that run. \
+             Build the trainer with the checkpoint's settings, write the new run to another path, \
+             or call load_checkpoint_with_new_config to go on under the new settings on purpose",
+            path.display(),
+            differences.join("; ")
+        )))
     }
 }
 
 /// The metadata keys of a checkpoint's recorded [`TrainConfig`] start with this.
 const CONFIG_PREFIX: &str = "train_config.";
-
-fn ensure_checkpoint(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Checkpoint(message()))
-    }
-}
 
 /// The gradient of one scalar term (the total, the DSM term or one penalty of an
 /// [`Evaluation`]) with respect to every variable of `varmap` it depends on, by variable
