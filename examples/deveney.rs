@@ -45,7 +45,7 @@
 //! fresh Adam at each drop, as the paper's code), `--seed N` (0), `--ema D` (0: none, as in the
 //! paper; else the written and evaluated weights are the average and the last iterate goes
 //! to `{out}/{tag}_last.safetensors`), `--tag S` (appended to the file names, after
-//! `_oupinn` for runs without `--paper`),
+//! `_oupinn` for networks trained without `--paper`),
 //! `--checkpoint-every N` (5000), `--resume`, `--load FILE` (evaluate this paper-layout
 //! safetensors instead of training), `--samples N` (60000; 0 for the held-out DSM loss
 //! alone), `--sample-steps N` (800), `--precomputed DIR`, `--out DIR` (out/deveney).
